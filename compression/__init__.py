@@ -1,0 +1,1 @@
+"""Token merging (ToMe, PiToMe) and dropping (MustDrop, FastV). May import ``vision``."""
