@@ -49,10 +49,12 @@ class MergeState:
     class_token: bool = True
     size: Tensor | None = None  # (B, N, 1) token sizes, None while all are 1
     tokens: list[int] = field(default_factory=list)  # tokens entering each block in the last forward
+    tokens_out: list[int] = field(default_factory=list)  # tokens leaving each block (after its merge)
 
     def reset(self) -> None:
         self.size = None
         self.tokens = []
+        self.tokens_out = []
 
 
 @dataclass
@@ -190,8 +192,11 @@ def _make_forward(family: str, block: nn.Module, state: MergeState, layer: int, 
             raise ValueError("token merging does not support attention masks / cross-attention inputs")
         state.tokens.append(x.shape[1])
         if state.size is None and state.spec.num_removed(layer, x.shape[1], state.class_token) == 0:
-            return original(x, *args, **kwargs)  # nothing merged yet and nothing to merge here: exact original
-        return block_forward(family, block, x, state, layer)
+            out = original(x, *args, **kwargs)  # nothing merged yet and nothing to merge here: exact original
+        else:
+            out = block_forward(family, block, x, state, layer)
+        state.tokens_out.append((out[0] if isinstance(out, tuple) else out).shape[1])
+        return out
 
     return forward
 

@@ -17,6 +17,7 @@ LIGHTNING_SUBCOMMANDS: dict[str, str] = {
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("workbench.commands.demo", "Run the main job on built-in data and write runs/demo/"),
+    "compress": ("workbench.commands.compress", "Token merging/dropping (ToMe, PiToMe, MustDrop, FastV): FLOPs, tokens, speed, accuracy"),
     "synth-em": ("workbench.commands.synth_em", "Write a synthetic EM volume (CREMI-layout HDF5) with exact neuron ids"),
 }
 
