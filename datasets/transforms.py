@@ -23,7 +23,9 @@ def uint8_to_tensor(array: np.ndarray) -> torch.Tensor:
     """``(H, W, 3)`` uint8 array -> ``(3, H, W)`` float32 tensor in ``[-1, 1]``."""
     if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
         raise ValueError(f"expected an (H, W, 3) uint8 array, got {array.shape} {array.dtype}")
-    tensor = torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1)  # (3, H, W)
+    if not (array.flags.writeable and array.flags.c_contiguous):  # e.g. np.asarray(PIL image) is read-only
+        array = np.array(array, order="C")
+    tensor = torch.from_numpy(array).permute(2, 0, 1)  # (3, H, W)
     return tensor.float().div_(127.5).sub_(1.0)
 
 
