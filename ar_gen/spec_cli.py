@@ -1,0 +1,143 @@
+"""Speculative decoding options for ``vtw generate`` (and the demo / benchmark), in one place.
+
+``workbench/commands/generate.py`` calls :func:`add_speculative_arguments` on its parser and, after
+loading the GPT and the tokenizer, :func:`build_speculative` (which checks every input before any
+expensive work). The returned :class:`SpeculativeGenerator` produces the same token tensor as plain
+sampling plus a statistics dict::
+
+    vtw generate ... --speculative lantern --drafter runs/drafter/checkpoints/last.ckpt \\
+        --gamma 4 --lantern-k 1000 --lantern-delta 0.1
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ar_gen.acceptance import AcceptanceConfig, NeighbourTable
+from ar_gen.sampling import SamplingConfig
+from ar_gen.speculative import SpecOutput, speculative_generate
+
+MODES = ("none", "exact", "lantern")
+
+
+def add_speculative_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("speculative decoding (LANTERN / EAGLE)")
+    g.add_argument("--speculative", choices=MODES, default="none",
+                   help="none: plain AR; exact: lossless speculative sampling; lantern: relaxed acceptance")
+    g.add_argument("--drafter", type=Path, default=None,
+                   help="drafter checkpoint: an EAGLE drafter (.ckpt of EagleDrafterModule or save_eagle dir) "
+                        "or a small GPT on the same tokenizer")
+    g.add_argument("--gamma", type=int, default=4, help="drafted tokens per target forward (chain length)")
+    g.add_argument("--lantern-k", type=int, default=1000, help="latent neighbourhood size k (clamped to V-1)")
+    g.add_argument("--lantern-delta", type=float, default=0.1,
+                   help="TV bound delta (<= 1); > 1 means LANTERN++'s multiplicative bound lambda")
+    g.add_argument("--neighbour-cache", type=Path, default=None,
+                   help="folder for the cached neighbour tables (default $VTW_CACHE or ~/.cache/vtw)")
+
+
+def load_drafter_runner(path: str | os.PathLike, target: nn.Module, map_location: str = "cpu"):
+    """EAGLE drafter or small GPT drafter from ``path`` -> a runner for ``speculative_generate``."""
+    import json
+
+    from ar_gen.eagle import load_eagle
+    from ar_gen.gpt import load_gpt
+    from ar_gen.spec_models import EagleDraftRunner, GPTDraftRunner
+
+    p = Path(path)
+    if not p.exists():
+        raise ValueError(f"--drafter {p} does not exist")
+    kind = None
+    if p.is_dir() and (p / "config.json").is_file():
+        kind = json.loads((p / "config.json").read_text()).get("arch")
+    elif p.is_file():
+        ckpt = torch.load(p, map_location="cpu", weights_only=True)
+        hp = ckpt.get("hyper_parameters", {}) if isinstance(ckpt, dict) else {}
+        kind = "ar_gen.eagle.EagleDrafter" if "eagle_config" in hp else (
+            "ar_gen.gpt.GPT" if "gpt_config" in hp else None)
+    if kind == "ar_gen.eagle.EagleDrafter":
+        drafter, _ = load_eagle(p, map_location)
+        return EagleDraftRunner(drafter, target)
+    if kind == "ar_gen.gpt.GPT":
+        small, _ = load_gpt(p, map_location)
+        tc, dc = target.config, small.config
+        if (dc.vocab_size, dc.block_size, dc.num_classes) != (tc.vocab_size, tc.block_size, tc.num_classes):
+            raise ValueError(f"drafter GPT {p} (vocab={dc.vocab_size}, block={dc.block_size}, classes={dc.num_classes}) "
+                             f"does not fit the target (vocab={tc.vocab_size}, block={tc.block_size}, "
+                             f"classes={tc.num_classes})")
+        return GPTDraftRunner(small)
+    raise ValueError(f"--drafter {p}: neither an EAGLE drafter nor a workbench GPT checkpoint")
+
+
+@dataclass
+class SpeculativeGenerator:
+    """Target + drafter + acceptance rule, ready to generate batches of class-conditional tokens."""
+
+    target: nn.Module
+    drafter: Any
+    acceptance: AcceptanceConfig
+    gamma: int = 4
+    table: NeighbourTable | None = None
+
+    def generate(self, labels: torch.Tensor, sampling: SamplingConfig, num_tokens: int | None = None,
+                 generator: torch.Generator | None = None) -> SpecOutput:
+        from ar_gen.spec_models import RowCachedGPT
+
+        c = self.target.config
+        n = c.block_size if num_tokens is None else num_tokens
+        runner = RowCachedGPT(self.target)
+        try:
+            return speculative_generate(runner, self.drafter, labels, n, self.gamma, self.acceptance, sampling,
+                                        self.table, generator, null_class=c.num_classes)
+        finally:
+            runner.release()
+
+
+def build_speculative(args: argparse.Namespace, target: nn.Module, tokenizer: Any | None = None
+                      ) -> SpeculativeGenerator | None:
+    """From parsed ``--speculative ...`` options; None for ``--speculative none``. Fails fast on bad input."""
+    mode = getattr(args, "speculative", "none")
+    if mode == "none":
+        return None
+    if mode not in MODES:
+        raise ValueError(f"--speculative must be one of {MODES}, got {mode!r}")
+    if args.drafter is None:
+        raise ValueError(f"--speculative {mode} needs --drafter CKPT")
+    if args.gamma < 1:
+        raise ValueError(f"--gamma must be >= 1, got {args.gamma}")
+    c = target.config
+    if c.model_type != "c2i" or c.token_each != 1:
+        raise ValueError("--speculative supports class-conditional single-token GPTs only "
+                         f"(this GPT: model_type={c.model_type}, token_each={c.token_each})")
+    acceptance = AcceptanceConfig("exact" if mode == "exact" else "lantern", args.lantern_k, args.lantern_delta)
+    table = None
+    if acceptance.relaxed:
+        if tokenizer is None or not hasattr(tokenizer, "codebook_embeddings"):
+            raise ValueError("--speculative lantern needs the tokenizer (its codebook_embeddings()) for neighbourhoods")
+        codebook = tokenizer.codebook_embeddings().detach().float().cpu()
+        if codebook.shape[0] != c.vocab_size:
+            raise ValueError(f"tokenizer codebook has {codebook.shape[0]} codes, the GPT vocabulary is {c.vocab_size}")
+        table = NeighbourTable.from_codebook(codebook, args.lantern_k, getattr(args, "neighbour_cache", None))
+        acceptance.lantern_k = table.k
+    drafter = load_drafter_runner(args.drafter, target)
+    return SpeculativeGenerator(target, drafter, acceptance, args.gamma, table)
+
+
+def make_generator(target: nn.Module, drafter_runner: Any, mode: str, gamma: int = 4, lantern_k: int = 1000,
+                   lantern_delta: float = 0.1, codebook: torch.Tensor | None = None,
+                   cache_dir: str | os.PathLike | None = None) -> SpeculativeGenerator:
+    """Programmatic twin of :func:`build_speculative` (demo, benchmark)."""
+    acceptance = AcceptanceConfig("exact" if mode == "exact" else "lantern", lantern_k, lantern_delta)
+    table = None
+    if acceptance.relaxed:
+        if codebook is None:
+            raise ValueError("LANTERN needs the tokenizer codebook")
+        table = NeighbourTable.from_codebook(codebook.detach().float().cpu(), lantern_k, cache_dir)
+        acceptance.lantern_k = table.k
+    return SpeculativeGenerator(target, drafter_runner, acceptance, gamma, table)
