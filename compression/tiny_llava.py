@@ -1,0 +1,412 @@
+"""A tiny LLaVA that actually answers: a CLIP-style vision tower + 2-layer MLP projector + a small
+Llama language model, built as Hugging Face ``LlavaForConditionalGeneration`` from tiny configs and
+trained on a shapes visual-question task, so that token dropping (MustDrop, FastV, PiToMe) is
+measured on a model whose attention means something.
+
+Liu, Li, Wu, Lee, "Visual Instruction Tuning" (LLaVA), NeurIPS 2023 (arXiv:2304.08485) and
+"Improved Baselines with Visual Instruction Tuning" (LLaVA-1.5, arXiv:2310.03744): image features
+from the penultimate vision layer without CLS (``vision_feature_layer=-2``, strategy "default"),
+projected by Linear-GELU-Linear and spliced into the text at the image placeholder tokens.
+
+Task (generated from ``datasets.shapes`` attributes; one-word answers)::
+
+    <bos> USER: <image>*N what colour is the shape ? ASSISTANT: red <eos>
+    ... what shape is it ?            -> circle | square | triangle | star | diamond
+    ... how many shapes are there ?   -> one | two | three
+    ... where is the shape ?          -> top-left | top | top-right | left | center | ... | bottom-right
+
+The layout [prefix | vision | question + "ASSISTANT:"] is LLaVA-1.5's (system/prefix tokens, image,
+then the user text); the answer is the greedy next token after "ASSISTANT:". A real LLaVA-1.5
+directory loads with :func:`load_llava` (same runner, its own processor/tokenizer).
+
+Recipe: ``vtw fit --config configs/llava_tiny_shapes.yaml`` (LightningCLI) or, without
+jsonargparse, ``python -m compression.tiny_llava --config configs/llava_tiny_shapes.yaml``; both
+write a ``save_pretrained`` directory (``runs/llava_tiny/model``) with ``vocab.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+SPECIALS = ["<pad>", "<bos>", "<eos>", "<image>", "USER:", "ASSISTANT:"]
+QUESTIONS = {
+    "colour": "what colour is the shape ?",
+    "shape": "what shape is it ?",
+    "count": "how many shapes are there ?",
+    "position": "where is the shape ?",
+}
+COUNT_WORDS = ["one", "two", "three"]
+POSITION_WORDS = ["top-left", "top", "top-right", "left", "center", "right", "bottom-left", "bottom", "bottom-right"]
+
+
+def build_vocab() -> list[str]:
+    from datasets.shapes import COLOURS, SHAPES
+
+    words = list(SPECIALS)
+    for q in QUESTIONS.values():
+        words += [w for w in q.split() if w not in words]
+    for w in list(COLOURS) + list(SHAPES) + COUNT_WORDS + POSITION_WORDS:
+        if w not in words:
+            words.append(w)
+    return words
+
+
+class WordTokenizer:
+    """Whitespace word-level tokenizer over a fixed vocabulary (saved as ``vocab.json``)."""
+
+    def __init__(self, vocab: list[str]) -> None:
+        self.vocab = list(vocab)
+        self.index = {w: i for i, w in enumerate(self.vocab)}
+        self.pad_id, self.bos_id, self.eos_id = self.index["<pad>"], self.index["<bos>"], self.index["<eos>"]
+        self.image_id = self.index["<image>"]
+
+    def encode(self, text: str) -> list[int]:
+        unknown = [w for w in text.split() if w not in self.index]
+        if unknown:
+            raise ValueError(f"words not in the tiny-LLaVA vocabulary: {unknown}")
+        return [self.index[w] for w in text.split()]
+
+    def decode(self, ids: list[int]) -> str:
+        return " ".join(self.vocab[i] for i in ids)
+
+    def save(self, directory: str | os.PathLike) -> None:
+        _atomic_write(Path(directory) / "vocab.json", json.dumps(self.vocab))
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> WordTokenizer:
+        path = Path(directory) / "vocab.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{directory} has no vocab.json (not a tiny-LLaVA directory)")
+        return cls(json.loads(path.read_text()))
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------
+# config and model
+
+
+@dataclass
+class TinyLlavaConfig:
+    image_size: int = 36
+    patch_size: int = 4  # 36/4 = 9x9 = 81 patches: MustDrop's 3x3 windows tile the grid exactly
+    vision_hidden: int = 64
+    vision_layers: int = 4
+    vision_heads: int = 4
+    text_hidden: int = 96
+    text_layers: int = 16  # >= 15 so MustDrop's default pruning layers [2, 6, 10, 14] exist
+    text_heads: int = 4
+    text_intermediate: int = 256
+    max_position: int = 256
+
+
+TINY_LLAVA_PRESETS: dict[str, dict[str, Any]] = {
+    "nano": dict(vision_hidden=32, vision_layers=2, text_hidden=32, text_layers=4, text_heads=2,
+                 text_intermediate=64, image_size=24),  # tests only
+    "tiny": {},  # ~2M params: the CPU recipe
+}
+
+
+def tiny_llava_config(preset: str = "tiny", **overrides: Any) -> TinyLlavaConfig:
+    if preset not in TINY_LLAVA_PRESETS:
+        raise ValueError(f"unknown tiny-LLaVA preset {preset!r}; choose one of {sorted(TINY_LLAVA_PRESETS)}")
+    return TinyLlavaConfig(**{**TINY_LLAVA_PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}})
+
+
+def build_tiny_llava(cfg: TinyLlavaConfig, vocab_size: int, image_token_id: int, pad_id: int = 0,
+                     bos_id: int = 1, eos_id: int = 2) -> nn.Module:
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    if cfg.image_size % cfg.patch_size:
+        raise ValueError(f"image_size {cfg.image_size} is not a multiple of patch_size {cfg.patch_size}")
+    grid = cfg.image_size // cfg.patch_size
+    vision = CLIPVisionConfig(hidden_size=cfg.vision_hidden, intermediate_size=4 * cfg.vision_hidden,
+                              num_hidden_layers=cfg.vision_layers, num_attention_heads=cfg.vision_heads,
+                              image_size=cfg.image_size, patch_size=cfg.patch_size, num_channels=3)
+    text = LlamaConfig(hidden_size=cfg.text_hidden, intermediate_size=cfg.text_intermediate,
+                       num_hidden_layers=cfg.text_layers, num_attention_heads=cfg.text_heads,
+                       num_key_value_heads=cfg.text_heads, vocab_size=vocab_size,
+                       max_position_embeddings=cfg.max_position, pad_token_id=pad_id, bos_token_id=bos_id,
+                       eos_token_id=eos_id, tie_word_embeddings=False)
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=image_token_id,
+                         image_seq_length=grid * grid, vision_feature_layer=-2,
+                         vision_feature_select_strategy="default", projector_hidden_act="gelu")
+    return LlavaForConditionalGeneration(config)
+
+
+# ----------------------------------------------------------------------------------------------
+# data
+
+
+def question_answer(item: dict[str, Any], kind: str) -> tuple[str, str]:
+    from datasets.shapes import COLOURS, SHAPES
+
+    if kind == "colour":
+        return QUESTIONS[kind], COLOURS[item["colour"]]
+    if kind == "shape":
+        return QUESTIONS[kind], SHAPES[item["shape"]]
+    if kind == "count":
+        return QUESTIONS[kind], COUNT_WORDS[item["count"] - 1]
+    if kind == "position":
+        return QUESTIONS[kind], POSITION_WORDS[item["position"]]
+    raise ValueError(f"unknown question kind {kind!r}; choose one of {sorted(QUESTIONS)}")
+
+
+def prompt_ids(tok: WordTokenizer, question: str, num_image_tokens: int) -> tuple[list[int], int]:
+    """[<bos>, USER:] + <image>*N + question + [ASSISTANT:]; returns (ids, prefix length)."""
+    prefix = [tok.bos_id, tok.index["USER:"]]
+    return prefix + [tok.image_id] * num_image_tokens + tok.encode(question) + [tok.index["ASSISTANT:"]], len(prefix)
+
+
+class ShapesVQA(Dataset):
+    """Shapes images with one question each (kind cycles with the index). Items: ``pixel_values``
+    (3, H, W) in [-1, 1], ``input_ids`` (L,), ``labels`` (L,) (-100 except answer and <eos>),
+    ``answer`` (answer token id), ``kind`` (int index into QUESTIONS)."""
+
+    def __init__(self, split: str, num_samples: int, image_size: int, num_image_tokens: int, seed: int = 0,
+                 max_count: int = 3, vocab: list[str] | None = None) -> None:
+        from datasets.shapes import ShapesDataset
+
+        self.shapes = ShapesDataset(split, num_samples=num_samples, image_size=image_size, seed=seed,
+                                    max_count=max_count)
+        self.tok = WordTokenizer(vocab or build_vocab())
+        self.num_image_tokens = num_image_tokens
+        self.kinds = list(QUESTIONS)
+
+    def __len__(self) -> int:
+        return len(self.shapes)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        item = self.shapes[index]
+        kind = self.kinds[index % len(self.kinds)]
+        question, answer = question_answer(item, kind)
+        ids, _ = prompt_ids(self.tok, question, self.num_image_tokens)
+        answer_id = self.tok.index[answer]
+        input_ids = ids + [answer_id, self.tok.eos_id]
+        labels = [-100] * len(ids) + [answer_id, self.tok.eos_id]
+        return {"pixel_values": item["image"], "input_ids": torch.tensor(input_ids), "labels": torch.tensor(labels),
+                "answer": answer_id, "kind": self.kinds.index(kind), "prompt_len": len(ids)}
+
+
+def collate(items: list[dict[str, Any]], pad_id: int = 0) -> dict[str, Tensor]:
+    L = max(len(it["input_ids"]) for it in items)
+    ids = torch.full((len(items), L), pad_id, dtype=torch.long)
+    labels = torch.full((len(items), L), -100, dtype=torch.long)
+    mask = torch.zeros(len(items), L, dtype=torch.long)
+    for i, it in enumerate(items):  # right padding for training (all prompts end at the same place anyway)
+        n = len(it["input_ids"])
+        ids[i, :n], labels[i, :n], mask[i, :n] = it["input_ids"], it["labels"], 1
+    return {"pixel_values": torch.stack([it["pixel_values"] for it in items]), "input_ids": ids, "labels": labels,
+            "attention_mask": mask, "answer": torch.tensor([it["answer"] for it in items]),
+            "kind": torch.tensor([it["kind"] for it in items])}
+
+
+class ShapesVQADataModule(pl.LightningDataModule):
+    def __init__(self, image_size: int = 36, patch_size: int = 4, batch_size: int = 64, train_samples: int = 40000,
+                 val_samples: int = 1000, test_samples: int = 1000, max_count: int = 3, seed: int = 0,
+                 num_workers: int = 0) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.num_image_tokens = (image_size // patch_size) ** 2
+
+    def _ds(self, split: str, n: int) -> ShapesVQA:
+        h = self.hparams
+        ds = ShapesVQA(split, n, h.image_size, self.num_image_tokens, h.seed, h.max_count)
+        ds.shapes.build_cache()
+        return ds
+
+    def setup(self, stage: str | None = None) -> None:
+        h = self.hparams
+        if stage in (None, "fit"):
+            self.train_set = self._ds("train", h.train_samples)
+        if stage in (None, "fit", "validate"):
+            self.val_set = self._ds("val", h.val_samples)
+        if stage in (None, "test"):
+            self.test_set = self._ds("test", h.test_samples)
+
+    def _loader(self, ds: Dataset, shuffle: bool) -> DataLoader:
+        return DataLoader(ds, batch_size=self.hparams.batch_size, shuffle=shuffle, collate_fn=collate,
+                          num_workers=self.hparams.num_workers, persistent_workers=self.hparams.num_workers > 0,
+                          drop_last=shuffle)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, False)
+
+
+# ----------------------------------------------------------------------------------------------
+# training wrapper
+
+
+class TinyLlavaModule(pl.LightningModule):
+    """Thin Lightning wrapper: next-token cross-entropy on the answer (+ <eos>) of ShapesVQA batches.
+    Logs ``{stage}/loss`` and ``{stage}/acc`` (greedy answer-token accuracy)."""
+
+    def __init__(self, preset: str = "tiny", image_size: int = 36, patch_size: int = 4, lr: float = 2e-3,
+                 weight_decay: float = 0.05, warmup_steps: int = 100, save_dir: str | None = None) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.config = tiny_llava_config(preset, image_size=image_size, patch_size=patch_size)
+        self.tok = WordTokenizer(build_vocab())
+        self.model = build_tiny_llava(self.config, len(self.tok.vocab), self.tok.image_id, self.tok.pad_id,
+                                      self.tok.bos_id, self.tok.eos_id)
+        self._t0 = time.time()
+
+    def _common_step(self, batch: dict[str, Tensor], stage: str) -> Tensor:
+        out = self.model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"],
+                         attention_mask=batch["attention_mask"])
+        logits = out.logits[:, :-1].float()
+        target = batch["labels"][:, 1:]
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100)
+        first = (target != -100).float().argmax(1)  # position predicting the answer token
+        pred = logits[torch.arange(len(first)), first].argmax(-1)
+        acc = (pred == batch["answer"]).float().mean()
+        self.log(f"{stage}/loss", loss, prog_bar=True)
+        self.log(f"{stage}/acc", acc, prog_bar=True)
+        if stage == "val":
+            self.log("val/minutes", (time.time() - self._t0) / 60)
+        return loss
+
+    def training_step(self, batch, batch_idx):
+        return self._common_step(batch, "train")
+
+    def validation_step(self, batch, batch_idx):
+        self._common_step(batch, "val")
+
+    def test_step(self, batch, batch_idx):
+        self._common_step(batch, "test")
+
+    def on_fit_start(self) -> None:
+        self._t0 = time.time()
+
+    def on_fit_end(self) -> None:
+        if self.hparams.save_dir and self.trainer.is_global_zero:
+            save_tiny_llava(self.model, self.tok, self.config, self.hparams.save_dir)
+
+    def configure_optimizers(self):
+        from vision.classifier import warmup_cosine
+
+        decay = [p for p in self.parameters() if p.requires_grad and p.ndim >= 2]
+        no_decay = [p for p in self.parameters() if p.requires_grad and p.ndim < 2]
+        opt = torch.optim.AdamW([{"params": decay, "weight_decay": self.hparams.weight_decay},
+                                 {"params": no_decay, "weight_decay": 0.0}], lr=self.hparams.lr)
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        warmup = min(self.hparams.warmup_steps, total // 2)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, warmup, total))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+# ----------------------------------------------------------------------------------------------
+# save / load
+
+
+def save_tiny_llava(model: nn.Module, tok: WordTokenizer, cfg: TinyLlavaConfig, directory: str | os.PathLike) -> Path:
+    """``save_pretrained`` (safetensors) + ``vocab.json`` + ``tiny_llava.json``; written to a temporary
+    directory first, then renamed into place."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
+    model.save_pretrained(tmp)
+    tok.save(tmp)
+    _atomic_write(tmp / "tiny_llava.json", json.dumps({"kind": "vtw-tiny-llava", "config": asdict(cfg)}, indent=2))
+    if directory.exists():
+        import shutil
+
+        shutil.rmtree(directory)
+    os.replace(tmp, directory)
+    return directory
+
+
+@dataclass
+class LoadedLlava:
+    model: nn.Module
+    tokenizer: Any  # WordTokenizer for the tiny model, an HF processor for LLaVA-1.5
+    tiny: bool
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def load_llava(path: str | os.PathLike, attn_implementation: str = "sdpa", dtype: torch.dtype | None = None) -> LoadedLlava:
+    """Load a tiny LLaVA (``vocab.json`` present) or a real LLaVA-1.5 HF directory by path (offline)."""
+    from transformers import LlavaForConditionalGeneration
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} is not a save_pretrained directory (no config.json)")
+    model = LlavaForConditionalGeneration.from_pretrained(path, attn_implementation=attn_implementation,
+                                                          dtype=dtype, local_files_only=True).eval()
+    if (path / "vocab.json").is_file():
+        info = json.loads((path / "tiny_llava.json").read_text()) if (path / "tiny_llava.json").is_file() else {}
+        return LoadedLlava(model, WordTokenizer.load(path), True, info)
+    from transformers import AutoProcessor
+
+    return LoadedLlava(model, AutoProcessor.from_pretrained(path, local_files_only=True), False, {})
+
+
+# ----------------------------------------------------------------------------------------------
+# plain CLI recipe (no jsonargparse needed): python -m compression.tiny_llava --config X.yaml
+
+
+def _init_args(section: dict[str, Any]) -> dict[str, Any]:
+    return dict(section.get("init_args", {}))
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    import yaml
+
+    ap = argparse.ArgumentParser(description="Train the tiny LLaVA on shapes VQA from a vtw fit YAML")
+    ap.add_argument("--config", required=True)
+    ap.add_argument("--accelerator", default=None)
+    ap.add_argument("--max-steps", type=int, default=None)
+    ap.add_argument("--max-time", default=None, help="Lightning max_time, e.g. 00:00:14:00")
+    ap.add_argument("--save-dir", default=None)
+    args = ap.parse_args(argv)
+    cfg = yaml.safe_load(Path(args.config).read_text())
+    for key in ("trainer", "model", "data"):
+        if key not in cfg:
+            raise SystemExit(f"{args.config}: missing top-level key {key!r}")
+    pl.seed_everything(cfg.get("seed_everything", 0))
+    trainer_kw = {k: v for k, v in cfg["trainer"].items() if k != "callbacks"}
+    if args.accelerator:
+        trainer_kw["accelerator"] = args.accelerator
+    if args.max_steps:
+        trainer_kw["max_steps"] = args.max_steps
+    if args.max_time:
+        trainer_kw["max_time"] = args.max_time
+    model_kw = _init_args(cfg["model"])
+    if args.save_dir:
+        model_kw["save_dir"] = args.save_dir
+    module = TinyLlavaModule(**model_kw)
+    data = ShapesVQADataModule(**_init_args(cfg["data"]))
+    trainer = pl.Trainer(**trainer_kw, enable_checkpointing=False)
+    trainer.fit(module, data)
+    trainer.validate(module, data)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
