@@ -65,6 +65,10 @@ TOWER_PRESETS: dict[str, dict[str, Any]] = {
                              kwargs=dict(img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=2)),
     "timm-vit-small-32": dict(library="timm", model_name="vit_tiny_patch16_224",
                               kwargs=dict(img_size=32, patch_size=4, embed_dim=128, depth=4, num_heads=4)),
+    # the workbench's evaluation classifier (vision.classifier preset "tiny"): point pretrained= at its
+    # model.safetensors to use the trained classifier as a frozen tower / teacher
+    "timm-vit-classifier-tiny": dict(library="timm", model_name="vit_tiny_patch16_224",
+                                     kwargs=dict(img_size=32, patch_size=4, embed_dim=192, depth=6, num_heads=3)),
     "clip-tiny-32": dict(library="open_clip", model_name="wb-clip-tiny-32", kwargs={}),
     "clip-small-32": dict(library="open_clip", model_name="wb-clip-small-32", kwargs={}),
     # GPU / paper scale (weights by tag or local path)
