@@ -39,7 +39,14 @@ from ar_gen.acceptance import AcceptanceConfig, NeighbourTable, verify_chain
 from ar_gen.sampling import SamplingConfig, cfg_scale_at, top_k_top_p_filter
 
 
-def guided_logits(logits: torch.Tensor, cfg: SamplingConfig, steps: torch.Tensor, num_steps: int) -> torch.Tensor:
+def cfg_scale_table(cfg: SamplingConfig, num_steps: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """(num_steps,) guidance scale of every token index (``ar_gen.sampling.cfg_scale_at``)."""
+    return torch.tensor([cfg_scale_at(i, num_steps, cfg) for i in range(num_steps)], dtype=torch.float32,
+                        device=device)
+
+
+def guided_logits(logits: torch.Tensor, cfg: SamplingConfig, steps: torch.Tensor, num_steps: int,
+                  scale_table: torch.Tensor | None = None) -> torch.Tensor:
     """Raw (rows, ..., V) logits -> (B, ..., V) guided logits, the CFG scale of each token index.
 
     ``steps`` (B, ...) token index each position predicts (its scale comes from ``cfg_scale_at``, so
@@ -47,9 +54,11 @@ def guided_logits(logits: torch.Tensor, cfg: SamplingConfig, steps: torch.Tensor
     """
     if not cfg.uses_cfg:
         return logits.float()
-    table = torch.tensor([cfg_scale_at(i, num_steps, cfg) for i in range(num_steps)], dtype=torch.float32,
-                         device=logits.device)
-    scale = table[steps.clamp(0, num_steps - 1)].unsqueeze(-1)  # (B, ..., 1)
+    if cfg.cfg_schedule == "constant":
+        scale: torch.Tensor | float = cfg.cfg_scale
+    else:
+        table = cfg_scale_table(cfg, num_steps, logits.device) if scale_table is None else scale_table
+        scale = table[steps.clamp(0, num_steps - 1)].unsqueeze(-1)  # (B, ..., 1)
     cond, uncond = logits.float().chunk(2, dim=0)
     return uncond + scale * (cond - uncond)
 
@@ -86,9 +95,13 @@ class StepSampler:
     cfg: SamplingConfig
     num_steps: int
     generator: torch.Generator | None = None
+    scale_table: torch.Tensor | None = None
 
     def probs(self, logits: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
-        return probs_from_guided(guided_logits(logits, self.cfg, steps, self.num_steps), self.cfg)
+        if self.scale_table is None and self.cfg.uses_cfg and self.cfg.cfg_schedule != "constant":
+            self.scale_table = cfg_scale_table(self.cfg, self.num_steps, logits.device)
+        guided = guided_logits(logits, self.cfg, steps, self.num_steps, self.scale_table)
+        return probs_from_guided(guided, self.cfg)
 
     def pick(self, probs: torch.Tensor) -> torch.Tensor:
         return pick(probs, self.cfg, self.generator)

@@ -169,3 +169,14 @@ def test_eagle_save_load_round_trip(tmp_path) -> None:
     other = _gpt(11, dim=48)
     with pytest.raises(ValueError, match="does not fit"):
         EagleDraftRunner(loaded, other)
+
+
+@pytest.mark.parametrize("schedule", ["linear", "interval"])
+def test_greedy_speculative_follows_cfg_schedules(schedule: str) -> None:
+    target = _gpt(12)
+    labels = torch.tensor([0, 3])
+    sampling = SamplingConfig(cfg_scale=3.0, cfg_schedule=schedule, cfg_interval=5, greedy=True)
+    plain = generate(target, labels, sampling)
+    out = speculative_generate(RowCachedGPT(target), EagleDraftRunner(_eagle(target, 13), target), labels, 16,
+                               gamma=4, sampling=sampling, null_class=4)
+    assert torch.equal(out.tokens, plain)
