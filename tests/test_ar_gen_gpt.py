@@ -1,0 +1,255 @@
+"""Tests for ar_gen/gpt.py and ar_gen/sampling.py (tiny random models, CPU)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from ar_gen.gpt import GPT, GPTConfig, gpt_config, load_gpt, load_llamagen_checkpoint, save_gpt
+from ar_gen.sampling import (
+    SamplingConfig,
+    apply_cfg,
+    cfg_scale_at,
+    generate,
+    sample_from_logits,
+    top_k_top_p_filter,
+)
+
+
+def tiny(**kw) -> GPT:
+    torch.manual_seed(0)
+    cfg = gpt_config("GPT-test", vocab_size=kw.pop("vocab_size", 40), block_size=kw.pop("block_size", 16),
+                     num_classes=kw.pop("num_classes", 5), **kw)
+    model = GPT(cfg).eval()
+    heads = model.output if isinstance(model.output, torch.nn.ModuleList) else [model.output]
+    for head in heads:  # zero-init head gives uniform logits: re-draw so tests see real distributions
+        torch.nn.init.normal_(head.weight, std=0.5)
+    return model
+
+
+def test_presets_llamagen_shapes_names_and_params():
+    assert gpt_config("GPT-B", vocab_size=16384, block_size=256).num_params() == 110_888_448  # fact sheet
+    hidden = {"GPT-B": 2048, "GPT-L": 2816, "GPT-XL": 3584, "GPT-XXL": 4096, "GPT-3B": 8704}
+    for name, h in hidden.items():
+        assert gpt_config(name).ffn_hidden == h
+    for kw in [{}, {"token_each": 2}, {"model_type": "t2i", "cls_token_num": 3, "caption_dim": 8}, {"n_kv_head": 1}]:
+        model = tiny(**kw)
+        assert model.num_params() == model.config.num_params(), kw
+    model = GPT(gpt_config("GPT-test", n_layer=12, vocab_size=64, block_size=16, num_classes=1000))
+    keys = set(model.state_dict())
+    for k in ["cls_embedding.embedding_table.weight", "tok_embeddings.weight", "layers.0.attention.wqkv.weight",
+              "layers.0.attention.wo.weight", "layers.0.feed_forward.w1.weight", "layers.0.feed_forward.w2.weight",
+              "layers.0.feed_forward.w3.weight", "layers.0.attention_norm.weight", "layers.0.ffn_norm.weight",
+              "norm.weight", "output.weight"]:
+        assert k in keys
+    assert model.cls_embedding.embedding_table.weight.shape == (1001, 32)
+    assert len(keys) == 4 + 7 * 12 and not any("freqs" in k or "cache" in k for k in keys)
+    model.setup_caches(2, 17)
+    assert set(model.state_dict()) == keys  # caches never enter the state dict
+    with pytest.raises(ValueError, match="unknown GPT preset"):
+        gpt_config("GPT-Z")
+    with pytest.raises(ValueError, match="divisible by 4"):
+        GPTConfig(dim=24, n_head=4)
+
+
+def test_output_layer_zero_initialised_and_init_std():
+    torch.manual_seed(0)
+    model = GPT(gpt_config("GPT-tiny", vocab_size=64, block_size=16, num_classes=3))
+    assert model.output.weight.abs().max() == 0
+    std = model.layers[0].attention.wqkv.weight.std().item()
+    assert abs(std - 0.02) < 0.002
+
+
+@pytest.mark.parametrize("token_each", [1, 2])
+@pytest.mark.parametrize("n_kv_head", [None, 1])
+def test_cached_decoding_equals_full_forward_at_every_position(token_each, n_kv_head):
+    model = tiny(token_each=token_each, n_kv_head=n_kv_head)
+    b, n = 3, model.config.block_size
+    shape = (b, n) if token_each == 1 else (b, n, token_each)
+    tokens = torch.randint(0, 40, shape)
+    labels = torch.tensor([0, 4, 5])  # 5 = null class
+    full = model(tokens[:, :-1], labels).logits  # (B, N, [te,] V)
+    model.setup_caches(b, 1 + n)
+    steps = [model(None, labels, input_pos=torch.arange(1)).logits]  # prefill, whole-cache mask
+    for i in range(n - 1):
+        kv_len = None if i % 2 else i + 2  # both the LlamaGen full-length mask and the kv_len window
+        steps.append(model(tokens[:, i:i + 1], None, input_pos=torch.tensor([i + 1]), kv_len=kv_len).logits)
+    cached = torch.cat(steps, 1)
+    assert (cached - full).abs().max() < 1e-4, (cached - full).abs().max()
+    # several new tokens at once over the cache (speculative verification), with rollback by overwrite
+    model.setup_caches(b, 1 + n)
+    model(None, labels, input_pos=torch.arange(1))
+    junk = torch.randint(0, 40, (b, 5) + shape[2:])
+    model(junk, None, input_pos=torch.arange(1, 6))  # rejected drafts at slots 1..5
+    out = model(tokens[:, :4], None, input_pos=torch.arange(1, 5), return_hidden=True, kv_len=5)
+    assert (out.logits - full[:, 1:5]).abs().max() < 1e-4
+    assert out.hidden.shape == (b, 4, model.config.dim)
+
+
+def test_caption_conditioned_prefix_and_null_caption():
+    torch.manual_seed(0)
+    cfg = gpt_config("GPT-test", model_type="t2i", caption_dim=12, cls_token_num=4, vocab_size=30, block_size=9)
+    model = GPT(cfg).eval()
+    torch.nn.init.normal_(model.output.weight, std=0.5)
+    caps = torch.randn(2, 4, 12)
+    tokens = torch.randint(0, 30, (2, 9))
+    full = model(tokens[:, :-1], caps).logits
+    assert full.shape == (2, 9, 30)
+    null = model.null_cond(2)
+    assert torch.equal(null[0], model.cls_embedding.uncond_embedding)
+    forced = model(tokens[:, :-1], caps, force_drop_ids=torch.ones(2)).logits
+    torch.testing.assert_close(forced, model(tokens[:, :-1], null).logits)
+    g = torch.Generator().manual_seed(1)
+    out = generate(model, caps, SamplingConfig(cfg_scale=3.0, top_k=5), generator=g)
+    assert out.shape == (2, 9)
+    with pytest.raises(ValueError, match="caption features"):
+        model(tokens, torch.randn(2, 3, 12))
+
+
+def test_label_dropout_uses_null_class():
+    model = tiny()
+    model.train()
+    model.config.class_dropout_prob = 1.0
+    model.cls_embedding.dropout_prob = 1.0
+    emb = model.embed_cond(torch.tensor([0, 1, 2]))
+    null_row = model.cls_embedding.embedding_table.weight[5]
+    assert torch.equal(emb, null_row.expand(3, 1, -1))
+    model.cls_embedding.dropout_prob = 0.5
+    torch.manual_seed(0)
+    labels = torch.zeros(4000, dtype=torch.long)
+    dropped = model.cls_embedding.drop(labels)
+    assert set(dropped.unique().tolist()) == {0, 5}
+    frac = (dropped == 5).float().mean().item()
+    assert abs(frac - 0.5) < 4 * math.sqrt(0.25 / 4000)
+    model.eval()
+    assert torch.equal(model.embed_cond(torch.tensor([2])), model.cls_embedding.embedding_table.weight[2].view(1, 1, -1))
+
+
+def test_cfg_scale_one_equals_cond_logits_and_formula():
+    model = tiny()
+    labels = torch.tensor([1, 2])
+    tokens = torch.randint(0, 40, (2, 16))
+    both = torch.cat([labels, model.null_cond(2)])
+    logits = model(torch.cat([tokens, tokens])[:, :-1], both).logits
+    cond = model(tokens[:, :-1], labels).logits
+    torch.testing.assert_close(apply_cfg(logits, 1.0), cond, atol=1e-6, rtol=0)
+    uncond = logits[2:]
+    torch.testing.assert_close(apply_cfg(logits, 3.0), uncond + 3.0 * (cond - uncond))
+    # greedy generation with LlamaGen's cfg-interval 0 (scale 2 for tokens 0-1, then 1 on the still doubled
+    # batch) equals a hand-written loop over the full forward where scale-1 steps use the cond logits alone
+    got = generate(model, labels, SamplingConfig(cfg_scale=2.0, cfg_schedule="interval", cfg_interval=0, greedy=True))
+    seq = torch.zeros(2, 0, dtype=torch.long)
+    for t in range(16):
+        if t < 2:
+            lg = apply_cfg(model(torch.cat([seq, seq]), both).logits[:, -1], 2.0)
+        else:
+            lg = model(seq, labels).logits[:, -1]
+        seq = torch.cat([seq, lg.argmax(-1, keepdim=True)], 1)
+    assert torch.equal(got, seq)
+
+
+def test_cfg_schedules():
+    c = SamplingConfig(cfg_scale=3.0, cfg_schedule="linear")
+    assert cfg_scale_at(0, 4, c) == pytest.approx(1.5) and cfg_scale_at(3, 4, c) == pytest.approx(3.0)
+    c = SamplingConfig(cfg_scale=3.0, cfg_schedule="cos")
+    assert cfg_scale_at(3, 4, c) == pytest.approx(3.0)
+    assert cfg_scale_at(1, 4, c) == pytest.approx(1 + 2 * math.sin(math.pi * 0.5 / 2))
+    c = SamplingConfig(cfg_scale=3.0, cfg_schedule="interval", cfg_interval=2)
+    assert [cfg_scale_at(t, 8, c) for t in range(6)] == [3.0, 3.0, 3.0, 3.0, 1.0, 1.0]
+    assert cfg_scale_at(7, 8, SamplingConfig(cfg_scale=3.0)) == 3.0
+    with pytest.raises(ValueError, match="cfg_schedule"):
+        SamplingConfig(cfg_schedule="square")
+
+
+def test_top_k_and_top_p_keep_exactly_the_right_support():
+    logits = torch.tensor([[3.0, 1.0, 2.0, 2.0, 0.0, -1.0]])
+    kept = torch.isfinite(top_k_top_p_filter(logits, top_k=2))
+    assert kept.tolist() == [[True, False, True, True, False, False]]  # tie at the 2nd value kept
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    lg = probs.log()
+    assert torch.isfinite(top_k_top_p_filter(lg, top_p=0.7)).tolist() == [[True, True, False, False]]
+    assert torch.isfinite(top_k_top_p_filter(lg, top_p=0.79)).tolist() == [[True, True, False, False]]
+    assert torch.isfinite(top_k_top_p_filter(lg, top_p=0.81)).tolist() == [[True, True, True, False]]
+    assert torch.isfinite(top_k_top_p_filter(lg, top_p=0.1)).tolist() == [[True, False, False, False]]
+    # order: top-k first, then top-p on the renormalised survivors
+    both = torch.isfinite(top_k_top_p_filter(lg, top_k=3, top_p=0.6))
+    assert both.tolist() == [[True, True, False, False]]  # 0.5/0.95 < 0.6 -> second token kept too
+    # sampling never leaves the support; per-head top-k for sub-tokens (B, te, V)
+    g = torch.Generator().manual_seed(0)
+    sub = torch.randn(64, 2, 50)
+    cfg = SamplingConfig(top_k=3)
+    draws = sample_from_logits(sub, cfg, g)
+    top3 = sub.topk(3, dim=-1).indices
+    assert draws.shape == (64, 2) and (top3 == draws[..., None]).any(-1).all()
+
+
+def test_seed_reproduces_tokens_exactly():
+    model = tiny()
+    labels = torch.tensor([0, 3])
+    cfg = SamplingConfig(cfg_scale=2.0, top_k=20, top_p=0.95, temperature=1.1)
+    a = generate(model, labels, cfg, generator=torch.Generator().manual_seed(7))
+    b = generate(model, labels, cfg, generator=torch.Generator().manual_seed(7))
+    c = generate(model, labels, cfg, generator=torch.Generator().manual_seed(8))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert a.dtype == torch.long and a.min() >= 0 and a.max() < 40
+
+
+def test_sampling_distribution_matches_model_probabilities():
+    """Chi-square check: token 0 drawn by ``generate`` follows softmax(guided logits)."""
+    model = tiny(vocab_size=6, block_size=4)
+    labels = torch.zeros(3000, dtype=torch.long)
+    toks = generate(model, labels, SamplingConfig(cfg_scale=1.5), num_tokens=1,
+                    generator=torch.Generator().manual_seed(0))
+    both = torch.tensor([0, 5])  # cond row, null row
+    model.setup_caches(2, 2)
+    logits = model(None, both, input_pos=torch.arange(1)).logits[:, -1]
+    p = apply_cfg(logits, 1.5).softmax(-1)[0]
+    counts = torch.bincount(toks[:, 0], minlength=6).float()
+    expected = p * 3000
+    chi2 = ((counts - expected) ** 2 / expected).sum().item()
+    assert chi2 < 20.5, (chi2, counts, expected)  # 5 dof, p ~ 0.001
+
+
+def test_sub_token_heads_match_bae_bit_packing():
+    from tokenizers_img.quantizers import bits_to_subtokens, subtokens_to_bits
+
+    te, cd = 2, 3
+    model = tiny(token_each=te, vocab_size=2**cd, block_size=4)
+    bits = torch.randint(0, 2, (5, 4, te * cd)).float()  # (B, N, K) as the BAE lays them out
+    tokens = bits_to_subtokens(bits, te, cd)  # (B, N, te), MSB-first chunks
+    out = model(tokens[:, :-1], torch.zeros(5, dtype=torch.long), targets=tokens)
+    assert out.logits.shape == (5, 4, te, 2**cd)
+    # head j predicts chunk j: a one-hot "perfect" logit on the packed ids gives zero loss, and the
+    # sampled ids unpack to exactly the bits they encode
+    perfect = torch.full((5, 4, te, 2**cd), -1e4).scatter(-1, tokens[..., None], 1e4)
+    assert model.loss_from_logits(perfect, tokens).item() == pytest.approx(0.0, abs=1e-6)
+    g = torch.Generator().manual_seed(0)
+    sampled = generate(model, torch.tensor([1, 2]), SamplingConfig(cfg_scale=2.0, top_k=3), generator=g)
+    assert sampled.shape == (2, 4, te)
+    assert torch.equal(bits_to_subtokens(subtokens_to_bits(sampled, cd), te, cd), sampled)
+    assert torch.equal(subtokens_to_bits(tokens, cd), bits)
+
+
+def test_save_load_roundtrip_and_wrong_size_checkpoint_fails(tmp_path):
+    model = tiny()
+    save_gpt(model, tmp_path / "gpt", extra={"tokenizer_vocab": 40})
+    loaded, meta = load_gpt(tmp_path / "gpt")
+    assert meta["tokenizer_vocab"] == 40
+    x, y = torch.randint(0, 40, (2, 15)), torch.tensor([1, 2])
+    torch.testing.assert_close(loaded(x, y).logits, model(x, y).logits)
+    # LlamaGen-format file of another size: clear error naming the mismatching keys
+    torch.save({"model": model.state_dict()}, tmp_path / "c2i.pt")
+    with pytest.raises(ValueError, match=r"shape mismatch: .*tok_embeddings.weight"):
+        load_llamagen_checkpoint(tmp_path / "c2i.pt", "GPT-test", vocab_size=41, block_size=16, num_classes=5)
+    with pytest.raises(ValueError, match="missing keys"):
+        load_llamagen_checkpoint(tmp_path / "c2i.pt", "GPT-test", vocab_size=40, block_size=16, num_classes=5,
+                                 n_layer=3)
+    ok = load_llamagen_checkpoint(tmp_path / "c2i.pt", "GPT-test", vocab_size=40, block_size=16, num_classes=5)
+    torch.testing.assert_close(ok(x, y).logits, model(x, y).logits)
+    torch.save({"weights": 1}, tmp_path / "other.ckpt")
+    with pytest.raises(ValueError, match="not a workbench GPT"):
+        load_gpt(tmp_path / "other.ckpt")
+    with pytest.raises(ValueError, match="does not exist"):
+        load_gpt(tmp_path / "nope.ckpt")
