@@ -63,7 +63,8 @@ def test_both_halves_from_one_row_and_unit_norm(tok):
 def test_layout_encode_decode_identity_and_features(tok):
     x = _images()
     ids = tok.encode(x)
-    assert tok.seq_len == sum(s * s for s in tok.config.scales) == 121 and tok.token_grid == (8, 8)
+    assert tok.seq_len == sum(s * s for s in tok.config.scales) == 121 and tok.token_grid == (1, 121)
+    assert tok.final_grid == (8, 8)
     assert ids.shape == (3, 121) and 0 <= int(ids.min()) and int(ids.max()) < tok.vocab_size
     with torch.no_grad():
         a = tok.decode(ids)
@@ -154,3 +155,19 @@ def test_lightning_fit_logs_and_gan_step(tmp_path):
     assert trainer.global_step == 6  # 3 batches x 2 optimizers
     assert any(not torch.equal(a, b) for a, b in zip(d_before, module.discriminator.parameters()))
     assert list((tmp_path / "samples").glob("tokenflow_recon_step*.png"))
+
+
+def test_generate_with_ar_gpt(tok):
+    """The AR generator works unchanged: GPT over (1, seq_len) positions, sampled ids decode to images."""
+    gpt_mod = pytest.importorskip("ar_gen.gpt")
+    from ar_gen.sampling import SamplingConfig, generate
+
+    h, w = tok.token_grid
+    torch.manual_seed(0)
+    model = gpt_mod.GPT(gpt_mod.gpt_config("GPT-test", vocab_size=tok.vocab_size, block_size=tok.seq_len,
+                                           grid_h=h, grid_w=w, num_classes=30)).eval()
+    ids = generate(model, torch.tensor([0, 7]), SamplingConfig(top_k=50), generator=torch.Generator().manual_seed(0))
+    assert ids.shape == (2, tok.seq_len) and int(ids.max()) < tok.vocab_size
+    with torch.no_grad():
+        images = tok.decode(ids)
+    assert images.shape == (2, 3, 32, 32) and torch.isfinite(images).all()

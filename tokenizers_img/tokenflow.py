@@ -19,8 +19,9 @@ Shapes for the ``tiny`` preset (paper TokenFlow-B in brackets)::
                      -> pixel half    -> conv decoder -> x^ (B, 3, 32, 32)
 
 Token layout (what ``encode`` returns): the ids of all scales concatenated coarse to fine, raster order
-within a scale: (B, sum_s h_s*w_s) = (B, 1 + 4 + 16 + 36 + 64) = (B, 121). ``seq_len`` is that sum and
-``token_grid`` the final grid (8, 8); an AR generator predicts the 121 ids left to right unchanged.
+within a scale: (B, sum_s h_s*w_s) = (B, 1 + 4 + 16 + 36 + 64) = (B, 121). ``seq_len`` is that sum,
+``token_grid`` is (1, seq_len) (a 1-D sequence for the AR model, so h*w == seq_len as for every tokenizer)
+and ``final_grid`` the last scale's (8, 8); an AR generator predicts the 121 ids left to right unchanged.
 ``decode(ids)`` equals ``decode_latents(quantize(encode_latents(x)).quantized)`` in eval mode.
 
 Losses (code's weights): L = L_sem (1 - cos to the teacher's patch features) + MSE(x, x^) + w_lpips LPIPS
@@ -283,6 +284,12 @@ class TokenFlowTokenizer(ImageTokenizer):
 
     @property
     def token_grid(self) -> tuple[int, int]:
+        """(1, seq_len): the multi-scale sequence is 1-D for an AR model (h*w == seq_len holds);
+        the spatial grid of the last scale is :attr:`final_grid`."""
+        return (1, self.seq_len)
+
+    @property
+    def final_grid(self) -> tuple[int, int]:
         return tuple(self.teacher.grid_size)
 
     @property
@@ -308,7 +315,7 @@ class TokenFlowTokenizer(ImageTokenizer):
     # ---------------------------------------------------------------- pipeline
     def encode_latents(self, images: Tensor) -> Tensor:
         """images -> z = [z_sem; z_pix] (B, sem_dim + pix_dim, h, w) (not yet normalised)."""
-        h, w = self.token_grid
+        h, w = self.final_grid
         tokens = self.semantic_encoder(images).tokens  # (B, h*w, W)
         z_sem = self.encode_task_layer(tokens).transpose(1, 2).reshape(images.shape[0], -1, h, w)
         z_pix = self.pixel_encoder(images.float())  # (B, pix_dim, h, w)
