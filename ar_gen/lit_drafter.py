@@ -12,6 +12,7 @@ The target is loaded from ``target_ckpt`` (``ar_gen.gpt.load_gpt``), frozen, kep
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterable
 from typing import Any
 
@@ -132,6 +133,7 @@ def train_eagle(target: nn.Module, batches: Iterable[dict[str, Any]], steps: int
     log: list[dict[str, float]] = []
     start = time.perf_counter()
     bar = tqdm(total=steps, desc="EAGLE drafter", disable=not progress)
+    done = 0
     for step, batch in enumerate(itertools.cycle(batches)):
         if step >= steps or (time_budget_s is not None and time.perf_counter() - start > time_budget_s):
             break
@@ -144,6 +146,26 @@ def train_eagle(target: nn.Module, batches: Iterable[dict[str, Any]], steps: int
         if step % 20 == 0:
             log.append({"step": step, **{k: float(v.detach()) for k, v in out.items()}})
         bar.update(1)
-        bar.set_postfix(loss=f"{float(out['loss']):.3f}", agree=f"{float(out['top1_agree']):.2f}")
+        bar.set_postfix(loss=f"{float(out['loss'].detach()):.3f}", agree=f"{float(out['top1_agree']):.2f}")
+        done = step + 1
     bar.close()
+    if done and (not log or log[-1]["step"] != done - 1):
+        log.append({"step": done - 1, **{k: float(v.detach()) for k, v in out.items()}})
     return drafter.eval(), log
+
+
+def token_batches(shards_dir: str | os.PathLike, batch_size: int = 64, max_batches: int = 100,
+                  seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    """Up to ``max_batches`` training batches ``{"tokens", "label"}`` from ``vtw tokenize`` shards."""
+    from tokenizers_img.shards import TokenShardDataModule
+
+    data = TokenShardDataModule(str(shards_dir), batch_size=batch_size)
+    data.setup("fit")
+    out = []
+    for batch in data.train_dataloader():
+        out.append({"tokens": batch["tokens"].long(), "label": batch["label"].long()})
+        if len(out) >= max_batches:
+            break
+    if not out:
+        raise ValueError(f"no training batches in token shards {shards_dir}")
+    return out

@@ -141,3 +141,88 @@ def make_generator(target: nn.Module, drafter_runner: Any, mode: str, gamma: int
         table = NeighbourTable.from_codebook(codebook.detach().float().cpu(), lantern_k, cache_dir)
         acceptance.lantern_k = table.k
     return SpeculativeGenerator(target, drafter_runner, acceptance, gamma, table)
+
+
+# --------------------------------------------------------------------------------------------------
+# Side-by-side comparison of decoding arms (demo stage and benchmark)
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Arm:
+    name: str  # label in tables
+    mode: str  # "plain" | "exact" | "lantern"
+    lantern_k: int = 1000
+    lantern_delta: float = 0.0
+
+
+def run_arms(target: nn.Module, drafter_runner: Any, arms: list[Arm], labels: torch.Tensor, sampling: SamplingConfig,
+             batch_size: int = 8, gamma: int = 4, codebook: torch.Tensor | None = None, seed: int = 0,
+             repeats: int = 1, cache_dir: str | os.PathLike | None = None, warmup: bool = True,
+             progress: bool = True) -> tuple[list[dict[str, Any]], dict[str, torch.Tensor]]:
+    """Generate ``labels`` with every arm (same chunks of ``batch_size``, same seeds per chunk).
+
+    Wall-clock: per arm, the median over ``repeats`` of the total time for all chunks (after one warm-up
+    chunk per arm). Returns table rows (speed-up relative to the first arm, which should be "plain") and
+    the tokens of the last repeat per arm.
+    """
+    import statistics
+    import time
+
+    from tqdm.auto import tqdm
+
+    from ar_gen.sampling import generate
+
+    rows: list[dict[str, Any]] = []
+    tokens: dict[str, torch.Tensor] = {}
+    n_tokens = target.config.block_size
+    chunks = [labels[i:i + batch_size] for i in range(0, labels.shape[0], batch_size)]
+    bar = tqdm(total=len(arms) * repeats * len(chunks), desc=f"decoding arms (batch {batch_size})",
+               disable=not progress)
+    for arm in arms:
+        spec = None
+        if arm.mode != "plain":
+            spec = make_generator(target, drafter_runner, arm.mode, gamma, arm.lantern_k, arm.lantern_delta,
+                                  codebook, cache_dir)
+        if warmup:
+            _one_chunk(target, spec, chunks[0], sampling, seed, generate)
+        times, outs, agg = [], [], {"target_forwards": 0, "tau_num": 0.0, "tau_den": 0, "mass": 0.0}
+        for _ in range(repeats):
+            outs, agg = [], {"target_forwards": 0, "tau_num": 0.0, "tau_den": 0, "mass": 0.0}
+            start = time.perf_counter()
+            for i, chunk in enumerate(chunks):
+                toks, stats = _one_chunk(target, spec, chunk, sampling, seed + i, generate)
+                outs.append(toks)
+                agg["target_forwards"] += stats["target_forwards"]
+                agg["tau_num"] += stats["mean_accepted_length"] * stats["iterations"]
+                agg["tau_den"] += stats["iterations"]
+                agg["mass"] += stats["relaxed_mass_per_image"] * chunk.shape[0]
+                bar.update(1)
+            times.append(time.perf_counter() - start)
+        tokens[arm.name] = torch.cat(outs)
+        wall = statistics.median(times)
+        rows.append({
+            "arm": arm.name,
+            "batch": batch_size,
+            "wall_s_per_image": wall / labels.shape[0],
+            "speedup": None,
+            "target_forwards_per_call": agg["target_forwards"] / len(chunks) if arm.mode != "plain" else n_tokens,
+            "mean_accepted_length": agg["tau_num"] / agg["tau_den"] if agg["tau_den"] else 1.0,
+            "relaxed_mass_per_image": agg["mass"] / labels.shape[0],
+        })
+    bar.close()
+    base = rows[0]["wall_s_per_image"]
+    for row in rows:
+        row["speedup"] = base / row["wall_s_per_image"]
+    return rows, tokens
+
+
+def _one_chunk(target, spec, labels, sampling, seed, generate_fn) -> tuple[torch.Tensor, dict[str, Any]]:
+    gen = torch.Generator(device=labels.device).manual_seed(seed)
+    if spec is None:
+        toks = generate_fn(target, labels, sampling, generator=gen)
+        n = toks.shape[1]
+        return toks, {"target_forwards": n, "mean_accepted_length": 1.0, "iterations": n,
+                      "relaxed_mass_per_image": 0.0}
+    out = spec.generate(labels, sampling, generator=gen)
+    return out.tokens, out.stats.as_dict()

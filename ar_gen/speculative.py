@@ -208,7 +208,8 @@ def speculative_generate(target: CachedTarget, drafter: Drafter, labels: torch.T
     rows = 2 * batch if use_cfg else batch
     device = labels.device
     sampler = StepSampler(sampling, num_tokens, generator)
-    max_seq = num_tokens + 2 * gamma + 2  # finished rows keep running (static batch) past N
+    # finished rows keep running (static batch): chunk starts <= N+G, drafter positions <= N+3G
+    max_seq = num_tokens + 3 * gamma + 2
     target.setup(rows, max_seq)
     drafter.setup(rows, max_seq)
     all_labels = torch.cat([labels, torch.full_like(labels, null_class)]) if use_cfg else labels

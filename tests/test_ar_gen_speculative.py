@@ -180,3 +180,19 @@ def test_greedy_speculative_follows_cfg_schedules(schedule: str) -> None:
     out = speculative_generate(RowCachedGPT(target), EagleDraftRunner(_eagle(target, 13), target), labels, 16,
                                gamma=4, sampling=sampling, null_class=4)
     assert torch.equal(out.tokens, plain)
+
+
+@pytest.mark.parametrize("drafter_kind", ["gpt", "eagle"])
+def test_ragged_rows_stay_inside_the_cache(drafter_kind: str) -> None:
+    """Rows finish at different iterations and keep running; positions must stay inside the caches."""
+    target = _gpt(14, head_std=0.05)
+    labels = torch.arange(8) % 4
+    table = NeighbourTable(latent_neighbours(torch.randn(24, 4, generator=torch.Generator().manual_seed(2)), 23), 23)
+    drafter = GPTDraftRunner(_gpt(14, head_std=0.05)) if drafter_kind == "gpt" else EagleDraftRunner(
+        _eagle(target, 15), target)
+    for seed in range(3):
+        out = speculative_generate(RowCachedGPT(target), drafter, labels, 16, gamma=6,
+                                   acceptance=AcceptanceConfig("lantern", 23, 0.9),
+                                   sampling=SamplingConfig(cfg_scale=1.5), table=table,
+                                   generator=torch.Generator().manual_seed(seed), null_class=4)
+        assert out.tokens.shape == (8, 16) and int(out.tokens.max()) < 24
