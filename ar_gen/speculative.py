@@ -73,7 +73,11 @@ def probs_from_guided(guided: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor
     relaxes this un-warped p)."""
     if is_greedy(cfg):
         return torch.softmax(guided, dim=-1)
-    return torch.softmax(top_k_top_p_filter(guided / max(cfg.temperature, 1e-5), cfg.top_k, cfg.top_p), dim=-1)
+    if cfg.temperature != 1.0:
+        guided = guided / max(cfg.temperature, 1e-5)
+    if 0 < cfg.top_k < guided.shape[-1] or cfg.top_p < 1.0:  # same result as the filter's no-op, minus a copy
+        guided = top_k_top_p_filter(guided, cfg.top_k, cfg.top_p)
+    return torch.softmax(guided, dim=-1)
 
 
 def pick(probs: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None) -> torch.Tensor:
@@ -225,10 +229,7 @@ def speculative_generate(target: CachedTarget, drafter: Drafter, labels: torch.T
     lens = torch.ones(batch, dtype=torch.int64, device=device)  # tokens generated so far
     last = first
     arange = torch.arange(gamma + 1, device=device)
-    depth_tried = torch.zeros(gamma)
-    depth_accepted = torch.zeros(gamma)
-    tau_sum, tau_count, accepted_drafts = 0.0, 0, 0
-    mass_total = torch.zeros(batch, dtype=torch.float64)
+    history: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (n_acc, active, mass) per iteration
     while int(lens.min()) < num_tokens:
         drafts, q = drafter.draft(gamma, sampler, lens)  # (B, G), (B, G, V); d_i is token index lens+i-1
         stats.drafter_forwards += gamma
@@ -240,16 +241,8 @@ def speculative_generate(target: CachedTarget, drafter: Drafter, labels: torch.T
         p = sampler.probs(logits, positions)  # (B, G+1, V)
         res = verify_chain(p, q, drafts, acceptance, table, generator, greedy=sampler.greedy)
         n_acc = res.n_accepted
-        # bookkeeping over rows that still needed tokens
-        active = lens < num_tokens
-        tau_sum += float((n_acc + 1)[active].sum())
-        tau_count += int(active.sum())
-        accepted_drafts += int(n_acc[active].sum())
-        mass_total += torch.where(active, res.relaxed_mass, torch.zeros_like(res.relaxed_mass)).double().cpu()
-        depth = arange[:gamma].unsqueeze(0)
-        reached = (depth <= n_acc.unsqueeze(1)) & active.unsqueeze(1)  # d_i was tested
-        depth_tried += reached.sum(0).float().cpu()
-        depth_accepted += (reached & (depth < n_acc.unsqueeze(1))).sum(0).float().cpu()
+        active = lens < num_tokens  # rows that still needed tokens (statistics count only those)
+        history.append((n_acc, active, res.relaxed_mass))
         # write accepted drafts + next token
         new = torch.cat([drafts, torch.zeros_like(drafts[:, :1])], dim=1)  # (B, G+1)
         new.scatter_(1, n_acc.unsqueeze(1), res.next_token.unsqueeze(1))
@@ -264,9 +257,15 @@ def speculative_generate(target: CachedTarget, drafter: Drafter, labels: torch.T
                        _double(start, use_cfg))
         stats.iterations += 1
     stats.wall_s = time.perf_counter() - t0
-    stats.mean_accepted_length = tau_sum / max(tau_count, 1)
-    stats.accept_rate_per_depth = (depth_accepted / depth_tried.clamp(min=1)).tolist()
-    stats.relaxed_mass_per_token = float(mass_total.sum()) / max(accepted_drafts, 1)
-    stats.relaxed_mass_per_image = float(mass_total.mean())
+    n_hist = torch.stack([h[0] for h in history]).cpu()  # (iters, B)
+    act = torch.stack([h[1] for h in history]).cpu()
+    mass = torch.stack([h[2] for h in history]).double().cpu() * act
+    stats.mean_accepted_length = float((n_hist + 1)[act].float().mean()) if bool(act.any()) else 0.0
+    depth = torch.arange(gamma).view(1, 1, -1)
+    tried = (depth <= n_hist.unsqueeze(-1)) & act.unsqueeze(-1)  # (iters, B, G): d_i was tested
+    accepted = tried & (depth < n_hist.unsqueeze(-1))
+    stats.accept_rate_per_depth = (accepted.sum((0, 1)).float() / tried.sum((0, 1)).clamp(min=1).float()).tolist()
+    stats.relaxed_mass_per_token = float(mass.sum()) / max(int(n_hist[act].sum()), 1)
+    stats.relaxed_mass_per_image = float(mass.sum(0).mean())
     stats.tokens_per_s = batch * num_tokens / max(stats.wall_s, 1e-9)
     return SpecOutput(seq[:, :num_tokens], stats)
