@@ -37,11 +37,33 @@ import torch
 from huggingface_hub import PyTorchModelHubMixin
 from torch import Tensor, nn
 
-__all__ = ["ImageTokenizer", "QuantizerOutput", "load_state_dict_strict"]
+__all__ = ["ImageTokenizer", "QuantizerOutput", "load_state_dict_strict", "load_tokenizer"]
 
 # Images may overshoot [-1, 1] a little after resizing / interpolation; beyond this is a bug upstream
 # (e.g. images in [0, 255] or [0, 1] passed by mistake).
 RANGE_TOLERANCE = 1e-2
+TOKENIZER_META = "vtw_tokenizer.json"  # written next to config.json: which class to rebuild
+
+
+def load_tokenizer(path: str | os.PathLike, map_location: str = "cpu") -> ImageTokenizer:
+    """Load any workbench tokenizer saved with ``save_pretrained`` (class read from ``vtw_tokenizer.json``)."""
+    import importlib
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    meta_file = path / TOKENIZER_META
+    if not meta_file.is_file():
+        raise FileNotFoundError(f"{path} is not a saved tokenizer directory (no {TOKENIZER_META}; "
+                                "save it with tokenizer.save_pretrained(dir))")
+    cls_path = json.loads(meta_file.read_text())["class"]
+    module_name, _, cls_name = cls_path.rpartition(".")
+    if not module_name.startswith("tokenizers_img."):
+        raise ValueError(f"{meta_file}: refusing to import class {cls_path!r} outside tokenizers_img")
+    cls = getattr(importlib.import_module(module_name), cls_name)
+    if not (isinstance(cls, type) and issubclass(cls, ImageTokenizer)):
+        raise ValueError(f"{meta_file}: {cls_path} is not an ImageTokenizer")
+    return cls.from_pretrained(str(path), map_location=map_location)
 
 
 class QuantizerOutput(NamedTuple):
@@ -51,6 +73,22 @@ class QuantizerOutput(NamedTuple):
     indices: Tensor  # LongTensor of code ids (layout documented by each quantizer)
     loss: Tensor  # scalar: codebook + commitment (or bit-confidence) loss, already weighted
     stats: dict[str, Tensor]  # detached scalars for logging: "usage", "perplexity", ...
+
+
+def config_from_dict(config_cls: type, data: Any, owner: str) -> Any:
+    """Build the config dataclass ``config_cls`` from a dict (e.g. config.json); unknown keys are an error."""
+    import dataclasses
+
+    if isinstance(data, config_cls):
+        return data
+    if not isinstance(data, dict):
+        raise ValueError(f"{owner} expects a {config_cls.__name__} or a dict, got {type(data).__name__}")
+    known = {f.name for f in dataclasses.fields(config_cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"config keys {unknown} are not fields of {config_cls.__name__} "
+                         f"(a config of another tokenizer class?); {owner} expects {sorted(known)}")
+    return config_cls(**data)
 
 
 def load_state_dict_strict(model: nn.Module, state_dict: dict[str, Tensor], source: str = "checkpoint") -> None:
@@ -205,7 +243,20 @@ class ImageTokenizer(nn.Module, PyTorchModelHubMixin, library_name="vision-token
         q = self.quantize(self.encode_latents(images))
         return self.decode_latents(q.quantized), q
 
-    # ----------------------------------------------------------------- strict loading
+    # ----------------------------------------------------------------- save / strict loading
+    def _save_pretrained(self, save_directory) -> None:
+        """safetensors weights (mixin) plus ``vtw_tokenizer.json`` naming the class for :func:`load_tokenizer`."""
+        import json
+        from pathlib import Path
+
+        super()._save_pretrained(save_directory)
+        meta = {"class": f"{type(self).__module__}.{type(self).__qualname__}", "vocab_size": self.vocab_size,
+                "token_grid": list(self.token_grid), "seq_len": self.seq_len, "token_each": self.token_each}
+        path = Path(save_directory) / TOKENIZER_META
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(meta, indent=2))
+        os.replace(tmp, path)
+
     @classmethod
     def _load_as_safetensor(cls, model, model_file: str, map_location: str, strict: bool):  # noqa: ARG003
         from safetensors.torch import load_file
