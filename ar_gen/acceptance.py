@@ -229,7 +229,7 @@ def relaxed_probability_ref(p: torch.Tensor, x: int, neighbours: list[int], delt
 # Residual and chain verification
 # ----------------------------------------------------------------------------------------------
 
-ResidualFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, "NeighbourTable | None"],
+ResidualFn = Callable[[torch.Tensor, "torch.Tensor | None", torch.Tensor, torch.Tensor, "NeighbourTable | None"],
                       torch.Tensor]
 
 
@@ -251,6 +251,22 @@ def lantern_residual(p: torch.Tensor, q: torch.Tensor, x: torch.Tensor, j_star: 
     return torch.where(total > 0, res / total.clamp_min(torch.finfo(res.dtype).tiny), uniform)
 
 
+def point_mass_residual(p: torch.Tensor, q: torch.Tensor | None, x: torch.Tensor, j_star: torch.Tensor,
+                        table: NeighbourTable | None) -> torch.Tensor:
+    """Residual after rejecting a deterministic (top-1) draft x, i.e. q = point mass at x (LANTERN's
+    dynamic-tree rule, q(x) taken as 1): p(x) <- 0, and p(B_{k+1}(x)) <- 0 where j* > 0; renormalise
+    (uniform if all zero). Without relaxation this is norm((p - delta_x)+), the lossless residual."""
+    p = p.clone()
+    p.scatter_(-1, x.unsqueeze(-1), 0.0)
+    if table is not None and bool((j_star > 0).any()):
+        rows = torch.nonzero(j_star > 0).squeeze(-1)
+        nbrs = table.indices[x[rows]][:, : table.k + 1]
+        p[rows.unsqueeze(-1), nbrs] = 0.0
+    total = p.sum(-1, keepdim=True)
+    uniform = torch.full_like(p, 1.0 / p.shape[-1])
+    return torch.where(total > 0, p / total.clamp_min(torch.finfo(p.dtype).tiny), uniform)
+
+
 class ChainResult(NamedTuple):
     n_accepted: torch.Tensor  # (B,) int64, number of accepted drafted tokens (0..G)
     next_token: torch.Tensor  # (B,) int64, bonus (all accepted) or correction token
@@ -268,7 +284,8 @@ def verify_chain(p: torch.Tensor, q: torch.Tensor | None, drafts: torch.Tensor, 
     """Verify a chain of G drafted tokens per row.
 
     p: (B, G+1, V) target probabilities at the G draft positions plus the bonus position.
-    q: (B, G, V) drafter probabilities the drafts were sampled from (ignored when greedy).
+    q: (B, G, V) drafter probabilities the drafts were sampled from, or None for deterministic (top-1)
+    drafts: then q(x) = 1 and the point-mass residual applies (LANTERN's dynamic-tree rule).
     drafts: (B, G) int64.  ``greedy`` (or mode "greedy"): argmax verification.
     """
     batch, gamma = drafts.shape
@@ -281,9 +298,11 @@ def verify_chain(p: torch.Tensor, q: torch.Tensor | None, drafts: torch.Tensor, 
         modified = p[:, :gamma].scatter(-1, drafts.unsqueeze(-1), relax.prob.unsqueeze(-1))  # (B, G, V)
         accepted = modified.argmax(-1) == drafts  # (B, G)
     else:
-        if q is None or q.shape[:2] != (batch, gamma):
-            raise ValueError("sampling verification needs q of shape (B, G, V)")
-        qx = q.gather(-1, drafts.unsqueeze(-1)).squeeze(-1)  # (B, G)
+        if q is not None and q.shape[:2] != (batch, gamma):
+            raise ValueError(f"q must be (B, G, V) = ({batch}, {gamma}, V), got {tuple(q.shape)}")
+        qx = torch.ones_like(relax.prob) if q is None else q.gather(-1, drafts.unsqueeze(-1)).squeeze(-1)  # (B, G)
+        if q is None and residual_fn is lantern_residual:
+            residual_fn = point_mass_residual
         u = torch.rand(batch, gamma, generator=generator, device=p.device, dtype=p.dtype)
         accepted = u * qx <= relax.prob  # u <= p~/q without dividing by a zero q
     prefix = accepted.to(torch.int64).cumprod(-1)  # (B, G), 1 while all accepted so far
@@ -301,7 +320,7 @@ def verify_chain(p: torch.Tensor, q: torch.Tensor | None, drafts: torch.Tensor, 
     if bool(rej.any()):
         idx = n_acc[rej]
         rrows = rows[rej]
-        res = residual_fn(p_next[rej], q[rrows, idx], drafts[rrows, idx], relax.j_star[rrows, idx],
-                          table if delta > 0 else None)
+        res = residual_fn(p_next[rej], None if q is None else q[rrows, idx], drafts[rrows, idx],
+                          relax.j_star[rrows, idx], table if delta > 0 else None)
         next_token[rej] = _sample(res, generator)
     return ChainResult(n_acc, next_token, mass, accepted)

@@ -164,8 +164,7 @@ class GPTDraftRunner:
         raw = logits[:, -1]  # (rows, V)
         drafts, qs = [], []
         for i in range(gamma):
-            q = sampler.probs(raw, first_step + i)  # (B, V)
-            d = sampler.pick(q)
+            d, q = sampler.propose(raw, first_step + i)  # (B,), (B, V) or None
             drafts.append(d)
             qs.append(q)
             if i + 1 < gamma:
@@ -173,7 +172,7 @@ class GPTDraftRunner:
                 tok = torch.cat([d, d]) if doubled else d
                 logits, _ = self.model.forward_rows(tok.unsqueeze(1), pos.unsqueeze(1))
                 raw = logits[:, 0]
-        return torch.stack(drafts, 1), torch.stack(qs, 1)
+        return torch.stack(drafts, 1), None if qs[0] is None else torch.stack(qs, 1)
 
     def commit(self, n_accepted: torch.Tensor, fed: torch.Tensor, new: torch.Tensor, hidden: torch.Tensor,
                start_pos: torch.Tensor) -> None:
@@ -234,15 +233,14 @@ class EagleDraftRunner:
         pos = self.pending_pos.gather(1, idx.unsqueeze(1)).squeeze(1)  # (rows,)
         drafts, qs = [], []
         for i in range(gamma):
-            q = sampler.probs(self.target.head(feat), first_step + i)  # (B, V)
-            d = sampler.pick(q)
+            d, q = sampler.propose(self.target.head(feat), first_step + i)  # (B,), (B, V) or None
             drafts.append(d)
             qs.append(q)
             if i + 1 < gamma:
                 pos = pos + 1
                 tok = torch.cat([d, d]) if doubled else d
                 feat = self._step(tok.unsqueeze(1), feat.unsqueeze(1), pos.unsqueeze(1))[:, 0]
-        return torch.stack(drafts, 1), torch.stack(qs, 1)
+        return torch.stack(drafts, 1), None if qs[0] is None else torch.stack(qs, 1)
 
     def commit(self, n_accepted: torch.Tensor, fed: torch.Tensor, new: torch.Tensor, hidden: torch.Tensor,
                start_pos: torch.Tensor) -> None:

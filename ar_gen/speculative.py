@@ -100,12 +100,23 @@ class StepSampler:
     num_steps: int
     generator: torch.Generator | None = None
     scale_table: torch.Tensor | None = None
+    draft: str = "top1"  # "top1": deterministic drafts (q(x) = 1, LANTERN's rule); "sample": x ~ q
 
-    def probs(self, logits: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+    def guided(self, logits: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
         if self.scale_table is None and self.cfg.uses_cfg and self.cfg.cfg_schedule != "constant":
             self.scale_table = cfg_scale_table(self.cfg, self.num_steps, logits.device)
-        guided = guided_logits(logits, self.cfg, steps, self.num_steps, self.scale_table)
-        return probs_from_guided(guided, self.cfg)
+        return guided_logits(logits, self.cfg, steps, self.num_steps, self.scale_table)
+
+    def propose(self, logits: torch.Tensor, steps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Drafter logits (rows, V) -> draft (B,) and the distribution it was drawn from (None: top-1)."""
+        guided = self.guided(logits, steps)
+        if self.greedy or self.draft == "top1":
+            return guided.argmax(-1), None
+        q = probs_from_guided(guided, self.cfg)
+        return self.pick(q), q
+
+    def probs(self, logits: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+        return probs_from_guided(self.guided(logits, steps), self.cfg)
 
     def pick(self, probs: torch.Tensor) -> torch.Tensor:
         return pick(probs, self.cfg, self.generator)
@@ -137,8 +148,8 @@ class Drafter(Protocol):
         """After the target prefill: labels (rows,), target hidden (rows, C) at position 0, token 0 (rows,)."""
 
     def draft(self, gamma: int, sampler: StepSampler, first_step: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> drafts (B, G) int64 and their sampling distributions q (B, G, V); draft i is token index
-        ``first_step + i``."""
+        """-> drafts (B, G) int64 and their sampling distributions q (B, G, V) (None for top-1 drafts);
+        draft i is token index ``first_step + i``."""
 
     def commit(self, n_accepted: torch.Tensor, fed: torch.Tensor, new: torch.Tensor, hidden: torch.Tensor,
                start_pos: torch.Tensor) -> None:
@@ -191,12 +202,15 @@ def _double(x: torch.Tensor, use_cfg: bool) -> torch.Tensor:
 def speculative_generate(target: CachedTarget, drafter: Drafter, labels: torch.Tensor, num_tokens: int,
                          gamma: int = 4, acceptance: AcceptanceConfig | None = None,
                          sampling: SamplingConfig | None = None, table: NeighbourTable | None = None,
-                         generator: torch.Generator | None = None, null_class: int | None = None) -> SpecOutput:
+                         generator: torch.Generator | None = None, null_class: int | None = None,
+                         draft: str = "top1") -> SpecOutput:
     """Generate ``num_tokens`` image tokens per label with chain speculative decoding.
 
     labels (B,) class ids; with CFG (``sampling.cfg_scale != 1``) the uncond stream uses ``null_class``.
-    Greedy sampling (``sampling.greedy`` or temperature 0) verifies by argmax. Returns tokens (B, N)
-    and :class:`SpecStats`.
+    Greedy sampling (``sampling.greedy`` or temperature 0) verifies by argmax. ``draft``: "top1"
+    (deterministic drafts, accept with min(1, p~(x)), LANTERN's default dynamic-tree rule on a chain)
+    or "sample" (x ~ q, accept with min(1, p~(x)/q(x))); both are lossless at delta = 0. Returns tokens
+    (B, N) and :class:`SpecStats`.
     """
     acceptance = acceptance or AcceptanceConfig("exact")
     sampling = sampling or SamplingConfig()
@@ -211,7 +225,9 @@ def speculative_generate(target: CachedTarget, drafter: Drafter, labels: torch.T
     batch = labels.shape[0]
     rows = 2 * batch if use_cfg else batch
     device = labels.device
-    sampler = StepSampler(sampling, num_tokens, generator)
+    if draft not in ("top1", "sample"):
+        raise ValueError(f"draft must be 'top1' or 'sample', got {draft!r}")
+    sampler = StepSampler(sampling, num_tokens, generator, draft=draft)
     # finished rows keep running (static batch): chunk starts <= N+G, drafter positions <= N+3G
     max_seq = num_tokens + 3 * gamma + 2
     target.setup(rows, max_seq)

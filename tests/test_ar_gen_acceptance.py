@@ -13,6 +13,7 @@ from ar_gen.acceptance import (
     latent_neighbours,
     latent_neighbours_ref,
     load_or_build_neighbours,
+    point_mass_residual,
     relaxed_probability,
     relaxed_probability_ref,
     verify_chain,
@@ -26,7 +27,7 @@ def _bigram(vocab: int, seed: int, sharp: float = 1.0) -> torch.Tensor:
 
 def _speculative_bigram(target: torch.Tensor, drafter: torch.Tensor, rows: int, length: int, gamma: int,
                         config: AcceptanceConfig, table=None, seed: int = 0, greedy: bool = False,
-                        residual_fn=lantern_residual) -> tuple[torch.Tensor, float]:
+                        residual_fn=lantern_residual, top1: bool = False) -> tuple[torch.Tensor, float]:
     """Speculative generation of ``length`` tokens from a bigram target, start token 0, all rows at once.
     Returns the (rows, length) tokens and the mean accepted length (tokens per target call)."""
     gen = torch.Generator().manual_seed(seed)
@@ -38,14 +39,17 @@ def _speculative_bigram(target: torch.Tensor, drafter: torch.Tensor, rows: int, 
         prev, drafts, qs, ps = last, [], [], []
         for _ in range(gamma):
             q = drafter[prev]
-            x = q.argmax(-1) if greedy else torch.multinomial(q, 1, generator=gen).squeeze(-1)
+            x = q.argmax(-1) if (greedy or top1) else torch.multinomial(q, 1, generator=gen).squeeze(-1)
             ps.append(target[prev])
             qs.append(q)
             drafts.append(x)
             prev = x
         ps.append(target[prev])
         drafts_t = torch.stack(drafts, 1)
-        res = verify_chain(torch.stack(ps, 1), torch.stack(qs, 1), drafts_t, config, table, gen,
+        q_all = None if top1 else torch.stack(qs, 1)  # top-1 drafts: q = point mass (LANTERN's q(x) = 1)
+        if top1 and residual_fn is lantern_residual:
+            residual_fn = point_mass_residual
+        res = verify_chain(torch.stack(ps, 1), q_all, drafts_t, config, table, gen,
                            greedy=greedy, residual_fn=residual_fn)
         new = torch.cat([drafts_t, torch.zeros(rows, 1, dtype=torch.int64)], 1)
         new[torch.arange(rows), res.n_accepted] = res.next_token
@@ -86,11 +90,12 @@ def _chi2_pvalue(tokens: torch.Tensor, probs: torch.Tensor, vocab: int) -> float
 VOCAB = 5
 
 
+@pytest.mark.parametrize("top1", [False, True])
 @pytest.mark.parametrize("gamma", [1, 3])
-def test_exact_speculative_matches_target_distribution(gamma: int) -> None:
+def test_exact_speculative_matches_target_distribution(gamma: int, top1: bool) -> None:
     target, drafter = _bigram(VOCAB, 1, 1.5), _bigram(VOCAB, 2, 1.5)
     tokens, tau = _speculative_bigram(target, drafter, rows=30000, length=3, gamma=gamma,
-                                      config=AcceptanceConfig("exact"))
+                                      config=AcceptanceConfig("exact"), top1=top1)
     pvalue = _chi2_pvalue(tokens, _joint_exact(target, 3), VOCAB)
     assert pvalue > 1e-3, f"speculative samples differ from the target (p={pvalue:.2e}, tau={tau:.2f})"
     assert tau > 1.0
@@ -108,14 +113,15 @@ def test_lantern_delta_zero_is_exact_even_with_zero_probability_neighbours() -> 
     assert _chi2_pvalue(tokens, _joint_exact(target, 3), VOCAB) > 1e-3
 
 
-def test_broken_residual_is_caught_by_the_same_test() -> None:
+@pytest.mark.parametrize("top1", [False, True])
+def test_broken_residual_is_caught_by_the_same_test(top1: bool) -> None:
     target, drafter = _bigram(VOCAB, 1, 1.5), _bigram(VOCAB, 2, 1.5)
 
     def broken(p, q, x, j_star, table):  # resample from p instead of norm((p - q)+)
         return p
 
     tokens, _ = _speculative_bigram(target, drafter, rows=30000, length=3, gamma=3,
-                                    config=AcceptanceConfig("exact"), residual_fn=broken)
+                                    config=AcceptanceConfig("exact"), residual_fn=broken, top1=top1)
     pvalue = _chi2_pvalue(tokens, _joint_exact(target, 3), VOCAB)
     assert pvalue < 1e-6, f"a broken residual went unnoticed (p={pvalue:.2e})"
 

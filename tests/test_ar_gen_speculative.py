@@ -133,7 +133,8 @@ def _two_token_pvalue(a: torch.Tensor, b: torch.Tensor, vocab: int) -> float:
 
 
 @pytest.mark.slow
-def test_exact_speculative_sampling_law_on_tiny_gpt(monkeypatch) -> None:
+@pytest.mark.parametrize("draft", ["top1", "sample"])
+def test_exact_speculative_sampling_law_on_tiny_gpt(monkeypatch, draft: str) -> None:
     """Speculative (EAGLE drafter, CFG, top-k) vs plain sampling on a 6-code GPT; a broken residual fails."""
     import ar_gen.speculative as spec_mod
 
@@ -146,7 +147,7 @@ def test_exact_speculative_sampling_law_on_tiny_gpt(monkeypatch) -> None:
 
     def run() -> torch.Tensor:
         return speculative_generate(RowCachedGPT(target), drafter, labels, 3, gamma=2, sampling=sampling,
-                                    generator=torch.Generator().manual_seed(0), null_class=4).tokens
+                                    generator=torch.Generator().manual_seed(0), null_class=4, draft=draft).tokens
 
     pvalue = _two_token_pvalue(run(), plain, vocab)
     assert pvalue > 1e-3, f"speculative sampling differs from plain sampling (p={pvalue:.2e})"
