@@ -41,6 +41,7 @@ def main() -> None:
     ap.add_argument("--time-batch", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (accuracy/FLOPs are the same; images/s is the device's)")
     ap.add_argument("--no-noprop", action="store_true", help="skip the prop_attn=False arms")
     args = ap.parse_args()
     if not Path(args.ckpt).exists():
@@ -49,6 +50,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     net, info = load_classifier(args.ckpt)
     images, labels = load_eval_images(info["image_size"], args.num_samples)
+    net, images = net.to(args.device), images.to(args.device)
     reference = predict(net, images, 256)
     T = net.patch_embed.num_patches
     depth = len(net.blocks)
@@ -77,7 +79,7 @@ def main() -> None:
                             "tome_drop_at_same_flops": None if acc_t is None else base["acc"] - acc_t,
                             "pitome_speedup": row["speedup"]})
     meta = {"ckpt": args.ckpt, "classifier": info["config"], "num_samples": args.num_samples,
-            "threads": torch.get_num_threads(), "time_batch": args.time_batch,
+            "threads": torch.get_num_threads(), "time_batch": args.time_batch, "device": args.device,
             "flops": "per image; FlopCounterMode under sdpa_kernel(MATH); includes similarity matmuls; "
                      "sort/gather/scatter count 0"}
     out = save_table(args.name, rows, meta)

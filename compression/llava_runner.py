@@ -260,11 +260,14 @@ def assemble(model: nn.Module, prompts: list[Tensor], vision: VisionOut) -> dict
 
 
 @torch.no_grad()
-def prefill(model: nn.Module, pixel_values: Tensor, prompts: list[Tensor], plan: DropPlan | None = None) -> PrefillOut:
-    """Vision tower + projector + LM prefill with the drops of ``plan`` (None: no dropping)."""
+def prefill(model: nn.Module, pixel_values: Tensor | None, prompts: list[Tensor], plan: DropPlan | None = None,
+            vision: VisionOut | None = None) -> PrefillOut:
+    """Vision tower + projector + LM prefill with the drops of ``plan`` (None: no dropping).
+    ``vision`` replaces the tower's output (e.g. an empty one for a text-only FLOP baseline)."""
     p = parts(model)
     lm = p["lm"]
-    vision = encode_images(model, pixel_values, plan)
+    if vision is None:
+        vision = encode_images(model, pixel_values, plan)
     s = assemble(model, prompts, vision)
     h, kind, key, valid, pos, tid = s["h"], s["kind"], s["key"], s["valid"], s["pos"], s["tid"]
     vision_in = ((kind == VISION) & valid).sum(1)
@@ -293,6 +296,14 @@ def prefill(model: nn.Module, pixel_values: Tensor, prompts: list[Tensor], plan:
     next_pos = pos.masked_fill(~valid, -1).max(1).values + 1
     return PrefillOut(logits=logits, cache=cache, next_pos=next_pos, vision_tokens=counts, vision_in=vision_in,
                       vision_out=((kind == VISION) & valid).sum(1), vision=vision)
+
+
+def empty_vision(model: nn.Module, batch: int) -> VisionOut:
+    """A VisionOut with no valid token (text-only prefill through the same code)."""
+    C = parts(model)["lm"].embed_tokens.weight.shape[1]
+    dev = parts(model)["lm"].embed_tokens.weight.device
+    none = torch.zeros(batch, 1, dtype=torch.bool, device=dev)
+    return VisionOut(feats=torch.zeros(batch, 1, C, device=dev), valid=none, key=none)
 
 
 def _repad(keep: Tensor, *tensors: Tensor) -> tuple[Tensor, ...]:

@@ -202,8 +202,9 @@ class ShapesVQA(Dataset):
         answer_id = self.tok.index[answer]
         input_ids = ids + [answer_id, self.tok.eos_id]
         labels = [-100] * len(ids) + [answer_id, self.tok.eos_id]
+        attrs = torch.tensor([item["shape"], item["colour"], item["count"] - 1, item["position"]])
         return {"pixel_values": item["image"], "input_ids": torch.tensor(input_ids), "labels": torch.tensor(labels),
-                "answer": answer_id, "kind": self.kinds.index(kind), "prompt_len": len(ids)}
+                "answer": answer_id, "kind": self.kinds.index(kind), "prompt_len": len(ids), "attrs": attrs}
 
 
 def collate(items: list[dict[str, Any]], pad_id: int = 0) -> dict[str, Tensor]:
@@ -216,7 +217,7 @@ def collate(items: list[dict[str, Any]], pad_id: int = 0) -> dict[str, Tensor]:
         ids[i, :n], labels[i, :n], mask[i, :n] = it["input_ids"], it["labels"], 1
     return {"pixel_values": torch.stack([it["pixel_values"] for it in items]), "input_ids": ids, "labels": labels,
             "attention_mask": mask, "answer": torch.tensor([it["answer"] for it in items]),
-            "kind": torch.tensor([it["kind"] for it in items])}
+            "kind": torch.tensor([it["kind"] for it in items]), "attrs": torch.stack([it["attrs"] for it in items])}
 
 
 class ShapesVQADataModule(pl.LightningDataModule):
@@ -263,17 +264,30 @@ class ShapesVQADataModule(pl.LightningDataModule):
 
 class TinyLlavaModule(pl.LightningModule):
     """Thin Lightning wrapper: next-token cross-entropy on the answer (+ <eos>) of ShapesVQA batches.
-    Logs ``{stage}/loss`` and ``{stage}/acc`` (greedy answer-token accuracy)."""
+    Logs ``{stage}/loss`` and ``{stage}/acc`` (greedy answer-token accuracy).
+
+    ``aux_weight`` > 0 adds an attribute-classification loss (shape, colour, count, position) on the
+    vision tower's CLS token at the feature layer: a stand-in for LLaVA's *pretrained* CLIP tower
+    (the LM never sees that CLS token: the "default" strategy drops it; the head is not saved)."""
 
     def __init__(self, preset: str = "tiny", image_size: int = 36, patch_size: int = 4, lr: float = 2e-3,
-                 weight_decay: float = 0.05, warmup_steps: int = 100, save_dir: str | None = None) -> None:
+                 weight_decay: float = 0.05, warmup_steps: int = 100, save_dir: str | None = None,
+                 aux_weight: float = 0.0) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.config = tiny_llava_config(preset, image_size=image_size, patch_size=patch_size)
         self.tok = WordTokenizer(build_vocab())
         self.model = build_tiny_llava(self.config, len(self.tok.vocab), self.tok.image_id, self.tok.pad_id,
                                       self.tok.bos_id, self.tok.eos_id)
+        self.aux_groups = [5, 6, 3, 9]  # shape, colour, count, position
+        self.aux_head = nn.Linear(self.config.vision_hidden, sum(self.aux_groups)) if aux_weight > 0 else None
         self._t0 = time.time()
+
+    def _aux_loss(self, pixel_values: Tensor, attrs: Tensor) -> Tensor:
+        out = self.model.model.vision_tower(pixel_values, output_hidden_states=True)
+        cls = out.hidden_states[self.model.config.vision_feature_layer][:, 0]  # (B, C)
+        logits = self.aux_head(cls).float().split(self.aux_groups, dim=-1)
+        return sum(F.cross_entropy(lg, attrs[:, i]) for i, lg in enumerate(logits)) / len(logits)
 
     def _common_step(self, batch: dict[str, Tensor], stage: str) -> Tensor:
         out = self.model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"],
@@ -286,6 +300,10 @@ class TinyLlavaModule(pl.LightningModule):
         acc = (pred == batch["answer"]).float().mean()
         self.log(f"{stage}/loss", loss, prog_bar=True)
         self.log(f"{stage}/acc", acc, prog_bar=True)
+        if self.aux_head is not None and stage == "train":
+            aux = self._aux_loss(batch["pixel_values"], batch["attrs"])
+            self.log("train/aux", aux, prog_bar=True)
+            loss = loss + self.hparams.aux_weight * aux
         if stage == "val":
             self.log("val/minutes", (time.time() - self._t0) / 60)
         return loss
@@ -369,21 +387,31 @@ def load_llava(path: str | os.PathLike, attn_implementation: str = "sdpa", dtype
 # plain CLI recipe (no jsonargparse needed): python -m compression.tiny_llava --config X.yaml
 
 
-def _init_args(section: dict[str, Any]) -> dict[str, Any]:
-    return dict(section.get("init_args", {}))
+def _instantiate(section: dict[str, Any], default: type, **extra: Any) -> Any:
+    import importlib
+
+    path = section.get("class_path")
+    cls = default
+    if path:
+        module, _, name = path.rpartition(".")
+        cls = getattr(importlib.import_module(module), name)
+    return cls(**{**section.get("init_args", {}), **extra})
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Fit from a ``vtw fit`` YAML (trainer / model / data with class_path + init_args) without
+    jsonargparse; defaults to the tiny-LLaVA classes when class_path is absent."""
     import argparse
 
     import yaml
 
-    ap = argparse.ArgumentParser(description="Train the tiny LLaVA on shapes VQA from a vtw fit YAML")
+    ap = argparse.ArgumentParser(description="Train from a vtw fit YAML (default: tiny LLaVA on shapes VQA)")
     ap.add_argument("--config", required=True)
     ap.add_argument("--accelerator", default=None)
     ap.add_argument("--max-steps", type=int, default=None)
     ap.add_argument("--max-time", default=None, help="Lightning max_time, e.g. 00:00:14:00")
-    ap.add_argument("--save-dir", default=None)
+    ap.add_argument("--save-dir", default=None, help="tiny LLaVA: save_pretrained directory")
+    ap.add_argument("--save-ckpt", default=None, help="write a weights-only Lightning checkpoint here at the end")
     args = ap.parse_args(argv)
     cfg = yaml.safe_load(Path(args.config).read_text())
     for key in ("trainer", "model", "data"):
@@ -391,20 +419,19 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"{args.config}: missing top-level key {key!r}")
     pl.seed_everything(cfg.get("seed_everything", 0))
     trainer_kw = {k: v for k, v in cfg["trainer"].items() if k != "callbacks"}
-    if args.accelerator:
-        trainer_kw["accelerator"] = args.accelerator
-    if args.max_steps:
-        trainer_kw["max_steps"] = args.max_steps
-    if args.max_time:
-        trainer_kw["max_time"] = args.max_time
-    model_kw = _init_args(cfg["model"])
-    if args.save_dir:
-        model_kw["save_dir"] = args.save_dir
-    module = TinyLlavaModule(**model_kw)
-    data = ShapesVQADataModule(**_init_args(cfg["data"]))
+    for key, value in (("accelerator", args.accelerator), ("max_steps", args.max_steps), ("max_time", args.max_time)):
+        if value:
+            trainer_kw[key] = value
+    extra = {"save_dir": args.save_dir} if args.save_dir else {}
+    module = _instantiate(cfg["model"], TinyLlavaModule, **extra)
+    data = _instantiate(cfg["data"], ShapesVQADataModule)
     trainer = pl.Trainer(**trainer_kw, enable_checkpointing=False)
+    t0 = time.time()
     trainer.fit(module, data)
+    print(f"fit wall-clock: {(time.time() - t0) / 60:.2f} min, steps {trainer.global_step}")
     trainer.validate(module, data)
+    if args.save_ckpt:
+        trainer.save_checkpoint(args.save_ckpt, weights_only=True)
     return 0
 
 

@@ -56,18 +56,21 @@ def load_eval_images(image_size: int, num_samples: int, seed: int = 0, max_count
 
 @torch.inference_mode()
 def predict(net: nn.Module, images: Tensor, batch_size: int) -> Tensor:
-    return torch.cat([net(images[i:i + batch_size]).argmax(-1) for i in range(0, len(images), batch_size)])
+    return torch.cat([net(images[i:i + batch_size]).argmax(-1).cpu() for i in range(0, len(images), batch_size)])
 
 
 @torch.inference_mode()
 def images_per_second(net: nn.Module, images: Tensor, batch_size: int, repeats: int = 10, warmup: int = 2) -> float:
     batch = images[:batch_size]
+    sync = torch.cuda.synchronize if batch.is_cuda else (lambda: None)
     for _ in range(warmup):
         net(batch)
     times = []
     for _ in range(repeats):
+        sync()
         t0 = time.perf_counter()
         net(batch)
+        sync()
         times.append(time.perf_counter() - t0)
     return len(batch) / statistics.median(times)
 
@@ -88,7 +91,7 @@ def evaluate_arm(net: nn.Module, arm: Arm, images: Tensor, labels: Tensor, refer
         remove_patch(net)
     row = {
         "arm": arm.name, "method": arm.method, "ratio": arm.ratio, "r": arm.r,
-        "acc": float((preds == labels).float().mean()) * 100,
+        "acc": float((preds == labels.cpu()).float().mean()) * 100,
         "agree": float((preds == reference).float().mean()) * 100 if reference is not None else 100.0,
         "gflops": flops / 1e9, "gflops_analytic": analytic / 1e9 if analytic else None,
         "tokens_final": tokens_out[-1] if tokens_out else None,

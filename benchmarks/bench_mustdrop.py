@@ -1,0 +1,109 @@
+"""MustDrop vs FastV vs PiToMe-in-the-tower on the tiny shapes-VQA LLaVA.
+
+    python benchmarks/bench_mustdrop.py --ckpt runs/llava_tiny/model
+
+1. Calibration (val split): MustDrop thresholds (stage-1 tau, stage-2 gamma = alpha) are swept;
+   the setting with the best val accuracy among those cutting >= --target-cut % of the vision-token
+   FLOPs is chosen (random / LLaVA-7B thresholds mean nothing for a tiny model; unify_compress.md 3.8).
+2. Test split: no dropping; MustDrop stage 1, 1+2, 1+2+3 (chosen thresholds); FastV at K=2 at the
+   same layer-averaged vision-token budget and at the same final count; PiToMe in the vision tower
+   over kept ratios. Rows: answer accuracy (per question kind), vision tokens per LM layer, prefill
+   FLOPs per answer (total / vision share, FlopCounterMode with math SDPA), prefill answers/s at
+   the batch size and batch-1 latency, KV-cache KiB per answer after decoding 2 tokens.
+Saves runs/bench/<name>/results.{md,json}, <name>_calibration and acc_vs_flops.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from compression import fastv
+from compression import llava_runner as R
+from compression.llava_eval import (
+    TINY_MUSTDROP,
+    LlavaArm,
+    add_relative,
+    evaluate_llava_arm,
+    load_vqa,
+    plot_llava,
+)
+from compression.mustdrop import MustDropConfig
+from compression.tiny_llava import load_llava
+from workbench.benchutil import save_table
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--ckpt", default="runs/llava_tiny/model")
+    ap.add_argument("--name", default="mustdrop")
+    ap.add_argument("--num-samples", type=int, default=500)
+    ap.add_argument("--calib-samples", type=int, default=200)
+    ap.add_argument("--batch-size", type=int, default=50)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--target-cut", type=float, default=87.0, help="vision-FLOPs cut (%%) the calibration aims at")
+    ap.add_argument("--taus", type=float, nargs="+", default=[0.8, 0.9])
+    ap.add_argument("--thrs", type=float, nargs="+", default=[0.01, 0.02, 0.05, 0.1, 0.2])
+    ap.add_argument("--pitome-ratios", type=float, nargs="+", default=[0.5, 0.6, 0.75])
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args()
+    if not Path(args.ckpt).exists():
+        raise SystemExit(f"--ckpt {args.ckpt} not found; train: python -m compression.tiny_llava --config configs/llava_tiny_shapes.yaml")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = load_llava(args.ckpt).model
+    num_layers = len(R.parts(model)["lm"].layers)
+    val = load_vqa(args.ckpt, "val", args.calib_samples)
+    test = load_vqa(args.ckpt, "test", args.num_samples)
+
+    # 1. calibration on val
+    calib = [evaluate_llava_arm(model, LlavaArm("none", "none"), val, args.batch_size, 0, flops_batch=8)]
+    for tau in args.taus:
+        for thr in args.thrs:
+            cfg = MustDropConfig(**{**TINY_MUSTDROP, "merge_threshold": tau, "global_thr": thr, "individual_thr": thr})
+            arm = LlavaArm(f"mustdrop tau={tau} thr={thr}", "mustdrop", cfg, extra={"tau": tau, "thr": thr})
+            calib.append(evaluate_llava_arm(model, arm, val, args.batch_size, 0, flops_batch=8))
+            print(f"calib {arm.name:<32} acc {calib[-1]['acc']:.1f} vision GFLOPs {calib[-1]['gflops_vision']:.4f}")
+    add_relative(calib)
+    ok = [r for r in calib[1:] if r["vision_flops_cut_%"] >= args.target_cut]
+    best = max(ok, key=lambda r: (r["acc"], r["vision_flops_cut_%"])) if ok else max(
+        calib[1:], key=lambda r: (r["acc_drop"] <= 3.0, r["vision_flops_cut_%"]))
+    chosen = {**TINY_MUSTDROP, "merge_threshold": best["tau"], "global_thr": best["thr"], "individual_thr": best["thr"]}
+    print("chosen MustDrop thresholds:", chosen)
+    meta = {"ckpt": args.ckpt, "threads": torch.get_num_threads(), "batch_size": args.batch_size,
+            "flops": "prefill per answer (batch 1), FlopCounterMode under sdpa_kernel(MATH); vision = total - text-only",
+            "chosen": chosen}
+    save_table(args.name + "_calibration", calib, meta)
+
+    # 2. test
+    base_cfg = MustDropConfig(**chosen)
+    arms = [LlavaArm("none", "none"),
+            LlavaArm("mustdrop s1", "mustdrop", replace(base_cfg, stage2=False, stage3=False)),
+            LlavaArm("mustdrop s1+s2", "mustdrop", replace(base_cfg, stage3=False)),
+            LlavaArm("mustdrop s1+s2+s3", "mustdrop", base_cfg)]
+    rows = [evaluate_llava_arm(model, a, test, args.batch_size, args.repeats) for a in arms]
+    for r in rows:
+        print(f"{r['arm']:<24} acc {r['acc']:.1f} vision GFLOPs {r['gflops_vision']:.4f} ans/s {r['answers_per_s']:.1f}")
+    md = rows[-1]
+    full = rows[0]["vis_tokens_in"]
+    keeps = {fastv.budget_matched_keep(md["vis_tokens_layer_mean"], full, num_layers, 2): "same mean tokens/layer",
+             max(1, int(round(md["vis_tokens_final"]))): "same final tokens"}
+    for keep, why in keeps.items():
+        arm = LlavaArm(f"fastv K=2 keep={keep}", "fastv", fastv=fastv.FastVConfig(2, keep), extra={"budget": why})
+        rows.append(evaluate_llava_arm(model, arm, test, args.batch_size, args.repeats))
+        print(f"{arm.name:<24} acc {rows[-1]['acc']:.1f} vision GFLOPs {rows[-1]['gflops_vision']:.4f}")
+    for ratio in args.pitome_ratios:
+        arm = LlavaArm(f"pitome tower rho={ratio}", "pitome", pitome_ratio=ratio)
+        rows.append(evaluate_llava_arm(model, arm, test, args.batch_size, args.repeats))
+        print(f"{arm.name:<24} acc {rows[-1]['acc']:.1f} vision GFLOPs {rows[-1]['gflops_vision']:.4f}")
+    add_relative(rows)
+    out = save_table(args.name, rows, meta)
+    plot_llava(rows, out / "acc_vs_flops.png")
+    print("plot:", out / "acc_vs_flops.png")
+
+
+if __name__ == "__main__":
+    main()

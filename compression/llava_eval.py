@@ -1,0 +1,243 @@
+"""Evaluate vision-token dropping on a LLaVA (the tiny shapes-VQA model): answer accuracy, vision
+tokens per LM layer, prefill FLOPs (total and attributable to vision tokens), prefill answers/s,
+KV-cache bytes. Shared by ``vtw compress llava`` and ``benchmarks/bench_mustdrop.py``.
+
+FLOPs: ``FlopCounterMode`` under the math SDPA kernel over the whole prefill (vision tower,
+projector, LM, last-position LM head) of a fixed evaluation batch, divided by its size. "Vision
+FLOPs" = prefill FLOPs minus the FLOPs of the same prompts run text-only through the same code, so
+it includes the tower and every LM layer's cost of the vision tokens (and the drop rules' overhead).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from compression import fastv, mustdrop, pitome
+from compression import llava_runner as R
+from compression.flops import count_flops
+from compression.patching import remove_patch
+
+# Thresholds calibrated for the tiny shapes-VQA LLaVA by benchmarks/bench_mustdrop.py (its
+# "calibration" table on the val split); LLaVA-1.5's released settings are in unify_compress.md 3.2.
+TINY_MUSTDROP = dict(merge_threshold=0.8, global_thr=0.02, individual_thr=0.02, key_ratio=0.08)
+
+
+@dataclass
+class LlavaArm:
+    name: str
+    method: str  # none | mustdrop | fastv | pitome
+    mustdrop: mustdrop.MustDropConfig | None = None
+    fastv: fastv.FastVConfig | None = None
+    pitome_ratio: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def plan(self, num_layers: int) -> R.DropPlan | None:
+        if self.method == "mustdrop":
+            return mustdrop.make_plan(self.mustdrop, num_layers)
+        if self.method == "fastv":
+            return fastv.make_plan(self.fastv)
+        return None
+
+
+@dataclass
+class VQAData:
+    pixel_values: Tensor  # (N, 3, H, W)
+    prompts: list[Tensor]
+    answers: Tensor  # (N,)
+    kinds: Tensor  # (N,)
+
+
+def load_vqa(model_dir: str, split: str, num_samples: int, seed: int = 0) -> VQAData:
+    import json
+    from pathlib import Path
+
+    from compression.tiny_llava import ShapesVQA
+
+    info = json.loads((Path(model_dir) / "tiny_llava.json").read_text())["config"]
+    n_img = (info["image_size"] // info["patch_size"]) ** 2
+    ds = ShapesVQA(split, num_samples, info["image_size"], n_img, seed=seed)
+    ds.shapes.build_cache()
+    items = [ds[i] for i in range(len(ds))]
+    return VQAData(torch.stack([it["pixel_values"] for it in items]),
+                   [it["input_ids"][: it["prompt_len"]] for it in items],
+                   torch.tensor([it["answer"] for it in items]), torch.tensor([it["kind"] for it in items]))
+
+
+def _batches(data: VQAData, batch_size: int):
+    for i in range(0, len(data.prompts), batch_size):
+        yield data.pixel_values[i:i + batch_size], data.prompts[i:i + batch_size]
+
+
+def evaluate_llava_arm(model: nn.Module, arm: LlavaArm, data: VQAData, batch_size: int = 50, repeats: int = 5,
+                       flops_batch: int = 16, decode_tokens: int = 2) -> dict[str, Any]:
+    num_layers = len(R.parts(model)["lm"].layers)
+    remove_patch(model)
+    if arm.method == "pitome":
+        pitome.patch(model, ratio=arm.pitome_ratio, prop_attn=True)
+    try:
+        plan = arm.plan(num_layers)
+        preds, vis_in, vis_out, layer_counts, kv = [], [], [], [], []
+        with torch.inference_mode():
+            for px, prompts in _batches(data, batch_size):
+                toks, out = R.generate(model, px, prompts, plan, max_new_tokens=decode_tokens)
+                preds.append(toks[:, 0])
+                vis_in.append(out.vision_in.float())
+                vis_out.append(out.vision_out.float())
+                layer_counts.append(torch.tensor(out.vision_tokens) * len(prompts))
+                kv.append(R.kv_bytes(out.cache))
+        preds = torch.cat(preds)
+        n = len(data.prompts)
+        per_layer = (torch.stack(layer_counts).sum(0) / n).tolist()
+        flops = text_flops = 0  # per sample (batch 1: no padding), summed over flops_batch prompts
+        for i in range(min(flops_batch, n)):
+            px, pr = data.pixel_values[i:i + 1], data.prompts[i:i + 1]
+            flops += count_flops(R.prefill, model, px, pr, plan)[0]
+            text_flops += count_flops(R.prefill, model, None, pr, None, R.empty_vision(model, 1))[0]
+        flops_batch = min(flops_batch, n)
+        aps = latency_ms = float("nan")
+        if repeats > 0:
+            px, prompts = data.pixel_values[:batch_size], data.prompts[:batch_size]
+            with torch.inference_mode():
+                R.prefill(model, px, prompts, plan)  # warm-up
+                times = []
+                for _ in range(repeats):
+                    t0 = time.perf_counter()
+                    R.prefill(model, px, prompts, plan)
+                    times.append(time.perf_counter() - t0)
+            aps = len(prompts) / statistics.median(times)
+            with torch.inference_mode():  # batch-1 latency (no padding), median over samples
+                lat = []
+                for i in range(min(10, n)):
+                    t0 = time.perf_counter()
+                    R.prefill(model, data.pixel_values[i:i + 1], data.prompts[i:i + 1], plan)
+                    lat.append(time.perf_counter() - t0)
+            latency_ms = 1e3 * statistics.median(lat)
+    finally:
+        remove_patch(model)
+    acc_kind = {}
+    from compression.tiny_llava import QUESTIONS
+
+    for k, name in enumerate(QUESTIONS):
+        sel = data.kinds == k
+        if sel.any():
+            acc_kind[f"acc_{name}"] = float((preds[sel] == data.answers[sel]).float().mean()) * 100
+    return {
+        "arm": arm.name, "method": arm.method,
+        "acc": float((preds == data.answers).float().mean()) * 100, **acc_kind,
+        "vis_tokens_in": float(torch.cat(vis_in).mean()), "vis_tokens_final": float(torch.cat(vis_out).mean()),
+        "vis_tokens_layer_mean": sum(per_layer) / len(per_layer),
+        "vis_tokens_per_layer": ",".join(f"{c:.1f}" for c in per_layer),
+        "gflops_prefill": flops / flops_batch / 1e9, "gflops_vision": (flops - text_flops) / flops_batch / 1e9,
+        "kv_kib_per_sample": sum(kv) / n / 1024, "answers_per_s": aps, "prefill_ms_b1": latency_ms, **arm.extra,
+    }
+
+
+def add_relative(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    base = next(r for r in rows if r["method"] == "none")
+    for r in rows:
+        r["vision_flops_cut_%"] = 100 * (1 - r["gflops_vision"] / base["gflops_vision"])
+        r["prefill_flops_cut_%"] = 100 * (1 - r["gflops_prefill"] / base["gflops_prefill"])
+        r["acc_drop"] = base["acc"] - r["acc"]
+        r["prefill_speedup"] = r["answers_per_s"] / base["answers_per_s"] if base["answers_per_s"] else None
+        r["b1_speedup"] = base["prefill_ms_b1"] / r["prefill_ms_b1"] if r["prefill_ms_b1"] else None
+    return rows
+
+
+def default_arms(num_layers: int, md: dict[str, Any] | None = None, pitome_ratio: float = 0.75,
+                 methods: tuple[str, ...] = ("none", "mustdrop", "fastv", "pitome"), stages: str = "123") -> list[LlavaArm]:
+    md = {**TINY_MUSTDROP, **(md or {})}
+    arms = []
+    if "none" in methods:
+        arms.append(LlavaArm("none", "none"))
+    if "mustdrop" in methods:
+        base = mustdrop.MustDropConfig(**md)
+        if stages == "123":
+            arms.append(LlavaArm("mustdrop s1", "mustdrop", replace(base, stage2=False, stage3=False)))
+            arms.append(LlavaArm("mustdrop s1+s2", "mustdrop", replace(base, stage3=False)))
+        arms.append(LlavaArm(f"mustdrop s{'+s'.join(stages)}", "mustdrop",
+                             replace(base, stage1="1" in stages, stage2="2" in stages, stage3="3" in stages)))
+    if "pitome" in methods:
+        arms.append(LlavaArm(f"pitome rho={pitome_ratio}", "pitome", pitome_ratio=pitome_ratio))
+    return arms
+
+
+def run_llava_command(args: Any) -> int:
+    from pathlib import Path
+
+    from compression.tiny_llava import load_llava
+    from workbench.benchutil import save_table
+
+    if not Path(args.ckpt).exists():
+        raise SystemExit(f"--ckpt {args.ckpt} does not exist (train: vtw fit --config configs/llava_tiny_shapes.yaml)")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    loaded = load_llava(args.ckpt)
+    if not loaded.tiny:
+        raise SystemExit("vtw compress llava evaluates the tiny shapes-VQA LLaVA; a LLaVA-1.5 directory loads with "
+                         "compression.tiny_llava.load_llava and runs through compression.llava_runner (see README)")
+    model = loaded.model
+    data = load_vqa(args.ckpt, "test", args.num_samples)
+    num_layers = len(R.parts(model)["lm"].layers)
+    md = {}
+    if args.global_thr is not None:
+        md["global_thr"] = args.global_thr
+    if args.individual_thr is not None:
+        md["individual_thr"] = args.individual_thr
+    methods = tuple(["none"] + [m for m in args.method if m != "none"])
+    arms = default_arms(num_layers, md, args.ratio, methods, args.stages)
+    rows = []
+    for arm in arms:
+        rows.append(evaluate_llava_arm(model, arm, data, args.batch_size, args.repeats))
+        print(f"{arm.name:<24} acc {rows[-1]['acc']:.1f}  vision GFLOPs {rows[-1]['gflops_vision']:.4f}  "
+              f"tokens/layer {rows[-1]['vis_tokens_layer_mean']:.1f}")
+    if "fastv" in args.method:
+        full = rows[0]["vis_tokens_in"]
+        target = next((r for r in reversed(rows) if r["method"] == "mustdrop"), None)
+        keep = args.fastv_keep or (fastv.budget_matched_keep(target["vis_tokens_layer_mean"], full, num_layers,
+                                                             args.fastv_layer) if target else 16)
+        arm = LlavaArm(f"fastv K={args.fastv_layer} keep={keep}", "fastv", fastv=fastv.FastVConfig(args.fastv_layer, keep))
+        rows.append(evaluate_llava_arm(model, arm, data, args.batch_size, args.repeats))
+        print(f"{arm.name:<24} acc {rows[-1]['acc']:.1f}  vision GFLOPs {rows[-1]['gflops_vision']:.4f}")
+    add_relative(rows)
+    out = Path(args.out)
+    save_table(out.name, rows, {"ckpt": args.ckpt, "num_samples": args.num_samples, "batch_size": args.batch_size},
+               root=out.parent)
+    if len(rows) > 2:
+        plot_llava(rows, out / "acc_vs_flops.png")
+        print("plot:", out / "acc_vs_flops.png")
+    return 0
+
+
+def plot_llava(rows: list[dict[str, Any]], path: Any, title: str = "tiny LLaVA shapes-VQA") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from pathlib import Path
+
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    markers = {"none": "k*", "mustdrop": "o", "fastv": "s", "pitome": "^"}
+    for method in markers:
+        rs = sorted((r for r in rows if r["method"] == method), key=lambda r: r["gflops_vision"])
+        if rs:
+            ax.plot([r["gflops_vision"] * 1e3 for r in rs], [r["acc"] for r in rs], markers[method] + ("-" if len(rs) > 1 else ""),
+                    label=method, markersize=7)
+    ax.set_xlabel("vision-token MFLOPs / answer (prefill, FlopCounterMode)")
+    ax.set_ylabel("answer accuracy (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)

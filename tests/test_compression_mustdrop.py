@@ -1,0 +1,141 @@
+"""MustDrop / FastV on a tiny random HF LLaVA through compression.llava_runner."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from compression import fastv, mustdrop
+from compression import llava_runner as R
+from compression.llava_runner import PREFIX, TEXT, VISION
+from compression.tiny_llava import (
+    ShapesVQA,
+    WordTokenizer,
+    build_tiny_llava,
+    build_vocab,
+    load_llava,
+    save_tiny_llava,
+    tiny_llava_config,
+)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    torch.manual_seed(0)
+    cfg = tiny_llava_config("nano")  # 24 px, patch 4 -> 6x6 grid; 2 vision layers; 4 LM layers
+    tok = WordTokenizer(build_vocab())
+    model = build_tiny_llava(cfg, len(tok.vocab), tok.image_id).eval()
+    ds = ShapesVQA("val", 3, cfg.image_size, 36, max_count=3)
+    items = [ds[i] for i in range(3)]
+    px = torch.stack([it["pixel_values"] for it in items])
+    prompts = [it["input_ids"][: it["prompt_len"]] for it in items]
+    return model, tok, cfg, px, prompts
+
+
+def _plan(**kw):
+    base = dict(merge_threshold=0.3, global_thr=0.5, individual_thr=0.5, prune_layers=(1, 2))
+    return mustdrop.make_plan(mustdrop.MustDropConfig(**{**base, **kw}), 4)
+
+
+def test_runner_matches_hf_forward(setup):
+    model, _, _, px, prompts = setup
+    out = R.prefill(model, px, prompts)
+    with torch.no_grad():
+        hf = torch.cat([model(input_ids=p[None], pixel_values=px[i:i + 1]).logits[:, -1] for i, p in enumerate(prompts)])
+    assert torch.allclose(out.logits, hf, atol=1e-5), (out.logits - hf).abs().max()
+
+
+def test_all_stages_off_is_exactly_undropped(setup):
+    model, _, _, px, prompts = setup
+    ref_tokens, ref = R.generate(model, px, prompts, None, max_new_tokens=3)
+    off = _plan(stage1=False, stage2=False, stage3=False)
+    tokens, out = R.generate(model, px, prompts, off, max_new_tokens=3)
+    assert torch.equal(out.logits, ref.logits) and torch.equal(tokens, ref_tokens)
+    keep_all = R.DropPlan(drop_layers=(1, 2), rule=lambda li, probs, ctx: ctx["valid"])  # gathers, drops nothing
+    assert torch.allclose(R.prefill(model, px, prompts, keep_all).logits, ref.logits, atol=1e-6)
+
+
+def test_batch_equals_single_runs(setup):
+    model, _, _, px, prompts = setup
+    plan = _plan()
+    tokens, out = R.generate(model, px, prompts, plan, max_new_tokens=3)
+    assert (out.vision_out < out.vision_in).any()  # something was dropped
+    for i in range(len(prompts)):
+        t1, o1 = R.generate(model, px[i:i + 1], prompts[i:i + 1], plan, max_new_tokens=3)
+        assert torch.equal(t1[0], tokens[i])
+        assert torch.allclose(o1.logits[0], out.logits[i], atol=1e-5)
+        assert int(o1.vision_out[0]) == int(out.vision_out[i])
+
+
+def test_window_merge_hand_case_and_reference():
+    torch.manual_seed(1)
+    grid, C = 6, 8
+    h = torch.randn(2, 1 + grid * grid, C)
+    # window (0, 0) of image 0: all nine tokens identical -> score 1 -> merged
+    members = [1 + y * grid + x for y in range(3) for x in range(3)]
+    h[0, members] = torch.randn(C)
+    out, valid, size = mustdrop.window_merge(h, grid, 3, threshold=0.9)
+    ref_out, ref_valid = mustdrop.window_merge_ref(h, grid, 3, threshold=0.9)
+    assert torch.equal(valid, ref_valid) and torch.allclose(out, ref_out, atol=1e-6)
+    assert valid[0, members[:-1]].sum() == 0 and valid[0, members[-1]] and size[0, members[-1], 0] == 9
+    assert valid[1].all() and valid[0].sum() == 1 + 36 - 8  # random windows stay
+    assert valid[:, 0].all()  # CLS
+    with pytest.raises(ValueError, match="tiled"):
+        mustdrop.window_merge(torch.randn(1, 1 + 25, C), 5, 3)
+
+
+def test_dual_attention_rule_hand_built():
+    # sequence: [prefix, v0, v1, v2, v3, text, text]; one head
+    kind = torch.tensor([[PREFIX, VISION, VISION, VISION, VISION, TEXT, TEXT]])
+    valid = torch.ones_like(kind, dtype=torch.bool)
+    key = torch.tensor([[False, False, False, False, True, False, False]])
+    probs = torch.zeros(1, 1, 7, 7)
+    # text rows' attention to v0..v3: v0 strong in sum, v1 weak sum but one strong hit, v2 weak, v3 weak (key)
+    probs[0, 0, 5, 1:5] = torch.tensor([0.40, 0.01, 0.01, 0.01])
+    probs[0, 0, 6, 1:5] = torch.tensor([0.40, 0.30, 0.01, 0.01])
+    keep = mustdrop.dual_attention_keep(probs, kind, valid, key, global_thr=0.1, individual_thr=0.2)
+    # g = [0.8, 0.31, 0.02, 0.02], total 1.15 -> gamma*total = 0.115; max = [0.4, 0.3, 0.01, 0.01]
+    assert keep.tolist() == [[True, True, True, False, True, True, True]]
+    # with a huge individual threshold only the global rule protects: v1 (0.31 >= 0.115) still kept
+    keep = mustdrop.dual_attention_keep(probs, kind, valid, key, global_thr=0.5, individual_thr=1.0)
+    assert keep.tolist() == [[True, True, False, False, True, True, True]]
+
+
+def test_fastv_rule_hand_built():
+    kind = torch.tensor([[PREFIX, VISION, VISION, VISION, TEXT]])
+    valid = torch.ones_like(kind, dtype=torch.bool)
+    probs = torch.zeros(1, 2, 5, 5)
+    probs[0, :, -1, 1:4] = torch.tensor([0.1, 0.5, 0.3])
+    keep = fastv.fastv_keep(probs, kind, valid, keep=2)
+    assert keep.tolist() == [[True, False, True, True, True]]
+    assert fastv.budget_matched_keep(10.0, 40.0, 16, 2) == 6
+
+
+def test_stage3_prunes_cache_to_final_survivors(setup):
+    model, _, _, px, prompts = setup
+    out = R.prefill(model, px, prompts, _plan(stage3=True))
+    full = R.prefill(model, px, prompts, _plan(stage3=False))
+    final = int(out.vision_out.max())
+    for li, c in enumerate(out.cache):
+        n_valid = c.valid.sum(1)
+        if li >= 1:  # first pruning layer and after: only the tokens alive after the last drop
+            assert torch.equal(n_valid, full.cache[-1].valid.sum(1))
+        else:
+            assert torch.equal(n_valid, full.cache[0].valid.sum(1))
+    assert R.kv_bytes(out.cache) < R.kv_bytes(full.cache)
+    assert final <= int(full.vision_in.max())
+    assert torch.equal(out.logits, full.logits)  # stage 3 does not change prefill
+
+
+def test_pitome_in_tower_and_save_load_roundtrip(setup, tmp_path):
+    from compression import pitome
+
+    model, tok, cfg, px, prompts = setup
+    ref = R.prefill(model, px, prompts).logits
+    save_tiny_llava(model, tok, cfg, tmp_path / "m")
+    loaded = load_llava(tmp_path / "m")
+    assert loaded.tiny and torch.allclose(R.prefill(loaded.model, px, prompts).logits, ref, atol=1e-6)
+    pitome.patch(loaded.model, ratio=0.5)
+    out = R.prefill(loaded.model, px, prompts)
+    assert int(out.vision_in[0]) == 36 // 2  # one merging vision layer runs before the feature layer
+    pitome.unpatch(loaded.model)
