@@ -333,20 +333,30 @@ class ShapesDataset(Dataset):
     def class_names(self) -> tuple[str, ...]:
         return class_names()
 
-    def build_cache(self) -> None:
-        """Render every item once into memory (shown with a progress bar for large splits)."""
+    def build_cache(self, num_workers: int = 0) -> None:
+        """Render every item once into memory (progress bar for large splits).
+
+        ``num_workers > 0`` renders chunks in DataLoader worker processes (items are pure functions
+        of ``(seed, split, index)``, so the result is identical to the serial one).
+        """
         if self._images is not None:
             return
         from tqdm.auto import tqdm
 
-        s = self.image_size
-        images = torch.empty(self.num_samples, 3, s, s, dtype=torch.uint8)
+        s, n = self.image_size, self.num_samples
+        images = torch.empty(n, 3, s, s, dtype=torch.uint8)
         scenes: list[ShapeScene] = []
-        for i in tqdm(range(self.num_samples), desc=f"rendering shapes/{self.split}", leave=False, mininterval=2.0,
-                      disable=self.num_samples < 5000):
-            array, scene = render(self.seed, self.split, i, s, self.max_count)
-            images[i] = torch.from_numpy(array).permute(2, 0, 1)
-            scenes.append(scene)
+        chunk = 512
+        starts = range(0, n, chunk)
+        job = _RenderChunks(self.seed, self.split, n, s, self.max_count, chunk)
+        chunks = (DataLoader(job, batch_size=None, num_workers=num_workers) if num_workers > 0 and n > chunk
+                  else (job[k] for k in range(len(starts))))
+        with tqdm(total=n, desc=f"rendering shapes/{self.split}", leave=False, mininterval=2.0,
+                  disable=n < 5000) as bar:
+            for start, (block, block_scenes) in zip(starts, chunks):
+                images[start:start + len(block_scenes)] = block
+                scenes.extend(block_scenes)
+                bar.update(len(block_scenes))
         self._images, self._scenes = images, scenes
 
     def scene(self, index: int) -> ShapeScene:
@@ -377,6 +387,23 @@ class ShapesDataset(Dataset):
             "image": image, "label": scene.label, "caption": scene.caption, "shape": scene.shape,
             "colour": scene.colour, "size": scene.size, "position": scene.position, "count": scene.count,
         }
+
+
+class _RenderChunks(Dataset):
+    """Chunk ``k`` = items ``[k * chunk, (k + 1) * chunk)`` as ``((B, 3, H, W) uint8, [scene, ...])``."""
+
+    def __init__(self, seed: int, split: str, n: int, image_size: int, max_count: int, chunk: int) -> None:
+        self.seed, self.split, self.n, self.image_size, self.max_count, self.chunk = (
+            seed, split, n, image_size, max_count, chunk)
+
+    def __len__(self) -> int:
+        return (self.n + self.chunk - 1) // self.chunk
+
+    def __getitem__(self, k: int) -> tuple[torch.Tensor, list[ShapeScene]]:
+        items = [render(self.seed, self.split, i, self.image_size, self.max_count)
+                 for i in range(k * self.chunk, min((k + 1) * self.chunk, self.n))]
+        block = torch.from_numpy(np.stack([a for a, _ in items])).permute(0, 3, 1, 2)  # (B, 3, H, W)
+        return block, [scene for _, scene in items]
 
 
 class ShapesDataModule(LightningDataModule):
@@ -411,8 +438,10 @@ class ShapesDataModule(LightningDataModule):
 
     def _dataset(self, split: str) -> ShapesDataset:
         if split not in self.datasets:
-            self.datasets[split] = ShapesDataset(split, self.samples[split], self.image_size, self.seed,
-                                                 self.max_count, cache=self.cache)
+            dataset = ShapesDataset(split, self.samples[split], self.image_size, self.seed, self.max_count)
+            if self.cache:  # rendered in the main process's setup, so loader workers share the tensor
+                dataset.build_cache(num_workers=self.num_workers)
+            self.datasets[split] = dataset
         return self.datasets[split]
 
     def setup(self, stage: str | None = None) -> None:

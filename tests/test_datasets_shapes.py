@@ -60,6 +60,15 @@ def test_items_reproducible_alone_and_cache_identical():
     assert scene.label == full[11]["label"]
 
 
+def test_parallel_cache_equals_serial():
+    serial = ShapesDataset("test", 700, 16, seed=9, max_count=2, cache=True)
+    parallel = ShapesDataset("test", 700, 16, seed=9, max_count=2)
+    parallel.build_cache(num_workers=2)  # two 512-item chunks rendered in worker processes
+    assert torch.equal(serial._images, parallel._images)
+    assert serial._scenes == parallel._scenes
+    assert torch.equal(parallel[650]["image"], ShapesDataset("test", 700, 16, seed=9, max_count=2)[650]["image"])
+
+
 def test_splits_disjoint():
     hashes = {}
     for split in ("train", "val", "test"):
