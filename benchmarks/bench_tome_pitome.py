@@ -54,7 +54,8 @@ def main() -> None:
     reference = predict(net, images, 256)
     T = net.patch_embed.num_patches
     depth = len(net.blocks)
-    rs = args.rs or sorted({max(1, round(T * f / depth)) for f in (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)})
+    r_max = (T - 4) // depth  # ToMe's constant r cannot remove more than this and keep >= 4 tokens
+    rs = args.rs or sorted({max(1, round(r_max * f)) for f in (0.15, 0.3, 0.45, 0.6, 0.75, 0.9, 1.0)})
     arms = [Arm("none")]
     props = [True] if args.no_noprop else [True, False]
     for prop in props:
