@@ -1,0 +1,298 @@
+"""Benchmark: SEED discriminativeness and TokenFlow reconstruction/semantics on the shapes data.
+
+What it measures (issue "Image tokenizers II", numbers to reach):
+  * SEED: text->image and image->text retrieval top-1 on held-out shapes captions (galleries of 100
+    pairs; a hit is a retrieved item with the same caption string) with the continuous causal embedding
+    and with the quantized tokens (decoder-A reconstruction); ratio quantized / continuous (target >= 0.9);
+    codebook usage over the held-out tokens (target >= 0.5).
+  * TokenFlow (multi-scale, 121 ids, and single-scale, 64 ids) against the workbench VQGAN at the same
+    final 8x8 grid (64 ids): PSNR on held-out images, TokenFlow's semantic cosine to its teacher (target
+    >= 0.9), codebook usage, and linear probes (30 shape x colour classes) on TokenFlow semantic features
+    vs VQGAN pixel codes.
+
+Setup: the frozen SEED vision tower and the TokenFlow teacher are one ``vision.towers`` preset (default the
+workbench classifier ViT, ``timm-vit-classifier-tiny``; ``clip-tiny-32`` on a busy CPU) trained here first as a
+shapes classifier (or given with --tower-checkpoint, e.g. the demo's classifier); SEED's text tower is the
+tiny open_clip text tower trained in Stage I. Reconstruction training uses MSE + VQ (+ TokenFlow's semantic
+loss), no GAN / LPIPS, identically for TokenFlow and the VQGAN, so the PSNR comparison is like for like.
+
+    .venv/bin/python benchmarks/bench_seed_tokenflow.py            # full (GPU: minutes; CPU: hours)
+    .venv/bin/python benchmarks/bench_seed_tokenflow.py --tower clip-tiny-32 --steps 400 --probe-images 2000
+                                                                  # what was run on the shared 2-core CPU
+    .venv/bin/python benchmarks/bench_seed_tokenflow.py --quick    # smoke run (numbers not meaningful)
+
+Writes runs/bench/seed_tokenflow/results.{md,json} and PNG reconstruction grids.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+OUT = Path("runs/bench/seed_tokenflow")
+
+
+def load_split(split: str, n: int, device: torch.device):
+    from datasets.shapes import ShapesDataset
+
+    ds = ShapesDataset(split, n, image_size=32, seed=0, cache=True)
+    images = ds._images.float().div(127.5).sub(1.0).to(device)  # (N, 3, 32, 32) in [-1, 1]
+    labels = torch.tensor([s.label for s in ds._scenes], device=device)
+    captions = [s.caption for s in ds._scenes]
+    return images, labels, captions
+
+
+def lr_at(step: int, total: int, warmup: int = 100, floor: float = 0.1) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    p = min(1.0, (step - warmup) / max(1, total - warmup))
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * p))
+
+
+def train_loop(name, params, loss_fn, steps, lr, n_train, batch, device, betas=(0.9, 0.999), wd=0.0, clip=1.0):
+    from tqdm.auto import tqdm
+
+    opt = torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=wd)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, steps))
+    g = torch.Generator(device="cpu").manual_seed(0)
+    bar = tqdm(range(steps), desc=name, mininterval=5)
+    t0 = time.time()
+    for step in bar:
+        idx = torch.randint(0, n_train, (batch,), generator=g).to(device)
+        loss = loss_fn(idx)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if clip:
+            torch.nn.utils.clip_grad_norm_(params, clip)
+        opt.step()
+        sched.step()
+        if step % 100 == 0:
+            bar.set_postfix(loss=f"{float(loss):.4f}")
+    return time.time() - t0
+
+
+@torch.no_grad()
+def batched(fn, n, bs=250):
+    outs = [fn(slice(i, min(i + bs, n))) for i in range(0, n, bs)]
+    if isinstance(outs[0], tuple):
+        return tuple(torch.cat(o) for o in zip(*outs))
+    return torch.cat(outs)
+
+
+def linear_probe(train_x, train_y, val_x, val_y, steps=500, num_classes=30):
+    """Multinomial logistic regression on standardised features (full-batch Adam); returns val accuracy."""
+    with torch.enable_grad():
+        mu, sd = train_x.mean(0), train_x.std(0) + 1e-6
+        xt, xv = (train_x - mu) / sd, (val_x - mu) / sd
+        lin = torch.nn.Linear(xt.shape[1], num_classes).to(xt.device)
+        opt = torch.optim.Adam(lin.parameters(), lr=1e-2, weight_decay=1e-4)
+        for _ in range(steps):
+            loss = F.cross_entropy(lin(xt), train_y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return float((lin(xv).argmax(1) == val_y).float().mean())
+
+
+def run_seed(tower, cls_path, xtr, ctr, xva, cva, steps, batch, dev, out, work):
+    """SEED Stage I then Stage II over the frozen tower; returns (rows, summary)."""
+    from tokenizers_img.seed import SeedModule, retrieval_top1, save_image_grid
+
+    n_train, n_val = xtr.shape[0], xva.shape[0]
+    seed_over = {"vision_tower": tower, "vision_pretrained": cls_path}
+    m1 = SeedModule(stage=1, overrides=seed_over).to(dev)
+    p1 = [p for p in m1.parameters() if p.requires_grad]
+    m1.train()
+    s1 = train_loop("SEED stage I", p1, lambda i: m1.tokenizer.itc_loss(xtr[i], [ctr[j] for j in i.tolist()])[0],
+                    steps, 1e-3, n_train, batch, dev, wd=0.05)
+    ck = work / "seed_stage1.pt"
+    torch.save({"state_dict": {k: v.cpu() for k, v in m1.state_dict().items()}}, ck)
+    m2 = SeedModule(stage=2, overrides=seed_over, stage1_checkpoint=str(ck)).to(dev)
+    before = {k: v.clone() for k, v in m2.tokenizer.stage1_state_dict().items()}
+    p2 = [p for p in m2.parameters() if p.requires_grad]
+    m2.train()
+    s2 = train_loop("SEED stage II", p2, lambda i: m2.tokenizer.stage2_loss(xtr[i])[0], steps, 1e-3, n_train,
+                    batch, dev, wd=0.05)
+    tok = m2.tokenizer.eval()
+    assert all(torch.equal(before[k], v) for k, v in tok.stage1_state_dict().items()), "Stage I weights changed"
+    cont, quant, ids = batched(lambda s: tok.retrieval_features(xva[s]), n_val)
+    text = batched(lambda s: tok.text_itc_features(cva[s]), n_val)
+    rc = retrieval_top1(cont, text, cva, gallery=100)
+    rq = retrieval_top1(quant, text, cva, gallery=100)
+    usage = ids.unique().numel() / tok.vocab_size
+    with torch.no_grad():
+        recon = tok.decode(ids[:16].to(dev), renderer="pixel")
+    save_image_grid(torch.cat([xva[:16], recon]), out / "seed_pixel_decoder.png")
+    summary = f"K={tok.vocab_size}, {tok.seq_len} tokens, stage I {s1:.0f}s, stage II {s2:.0f}s"
+    rows = [
+        {"model": "SEED", "metric": "i2t top-1 continuous", "value": rc["i2t"], "train_s": round(s1, 1)},
+        {"model": "SEED", "metric": "i2t top-1 quantized", "value": rq["i2t"], "train_s": round(s2, 1)},
+        {"model": "SEED", "metric": "t2i top-1 continuous", "value": rc["t2i"]},
+        {"model": "SEED", "metric": "t2i top-1 quantized", "value": rq["t2i"]},
+        {"model": "SEED", "metric": "quantized / continuous (mean of i2t, t2i)",
+         "value": (rq["i2t"] + rq["t2i"]) / max(1e-9, rc["i2t"] + rc["t2i"])},
+        {"model": "SEED", "metric": "codebook usage (val tokens)", "value": usage},
+    ]
+    return rows, summary
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="tiny step counts (CPU smoke run)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--tower", default="timm-vit-classifier-tiny",
+                    help="vision.towers preset of the frozen SEED tower / TokenFlow teacher (clip-tiny-32 on a busy CPU)")
+    ap.add_argument("--tower-checkpoint", default=None,
+                    help="trained weights of --tower (e.g. the demo classifier's model.safetensors); else trained here")
+    ap.add_argument("--tower-steps", type=int, default=None, help="steps of the tower's classifier training")
+    ap.add_argument("--probe-images", type=int, default=5000, help="training images of the linear probes")
+    ap.add_argument("--steps", type=int, default=3000, help="steps per training stage")
+    ap.add_argument("--out", default=str(OUT))
+    ap.add_argument("--work", default=None, help="folder for intermediate checkpoints (default: --out)")
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path(args.work) if args.work else out
+    work.mkdir(parents=True, exist_ok=True)
+    dev = torch.device(args.device)
+    torch.manual_seed(0)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    steps = 30 if args.quick else args.steps
+    n_train, n_val = (2000, 300) if args.quick else (20000, 1000)
+    batch = 64
+
+    from tokenizers_img.seed import save_image_grid
+    from tokenizers_img.tokenflow import TokenFlowTokenizer, tokenflow_config
+    from tokenizers_img.vqgan import VQGAN
+    from vision.towers import build_vision_tower
+
+    xtr, ytr, ctr = load_split("train", n_train, dev)
+    xva, yva, cva = load_split("val", n_val, dev)
+    rows, meta = [], {"device": str(dev), "steps_per_stage": steps, "train_images": n_train, "val_images": n_val,
+                      "batch": batch, "command": " ".join(["benchmarks/bench_seed_tokenflow.py", *sys.argv[1:]])}
+    if dev.type == "cuda":
+        meta["gpu"] = torch.cuda.get_device_name(dev)
+
+    # ---------------------------------------------------------------- the frozen teacher / tower
+    cls_path = args.tower_checkpoint
+    if cls_path is None:  # train the tower as a shapes classifier (pooled embedding -> linear head)
+        tower = build_vision_tower(args.tower).to(dev)
+        head = torch.nn.Linear(tower.embed_dim, 30).to(dev)
+        secs = train_loop("tower classifier", [*tower.parameters(), *head.parameters()],
+                          lambda i: F.cross_entropy(head(tower(xtr[i]).pooled), ytr[i], label_smoothing=0.1),
+                          args.tower_steps or steps, 2e-3, n_train, 128, dev, wd=0.05)
+        tower.eval()
+        acc = float(batched(lambda s: (head(tower(xva[s]).pooled).argmax(1) == yva[s]).float(), n_val).mean())
+        cls_path = str(work / "tower.safetensors")
+        tower.save(cls_path)
+        rows.append({"model": f"{args.tower} (teacher / frozen tower)", "metric": "classifier val accuracy",
+                     "value": acc, "train_s": round(secs, 1)})
+        del tower, head
+    meta["tower"] = f"{args.tower} from {cls_path}"
+
+    # ---------------------------------------------------------------- SEED
+    seed_rows, meta["seed"] = run_seed(args.tower, cls_path, xtr, ctr, xva, cva, steps, batch, dev, out, work)
+    rows += seed_rows
+
+    # ---------------------------------------------------------------- TokenFlow vs VQGAN
+    def fit_eval_tokenflow(label: str, **over):
+        t = TokenFlowTokenizer(tokenflow_config("tiny", semantic_tower=args.tower, teacher_pretrained=cls_path,
+                                                **over)).to(dev)
+        params = [p for p in t.parameters() if p.requires_grad]
+        t.train()
+        t.teacher.eval()
+        secs = train_loop(label, params, lambda i: t.losses(xtr[i])[0], steps, 5e-4, n_train, batch, dev,
+                          betas=(0.9, 0.95))
+        t.eval()
+
+        def ev(s):
+            x = xva[s]
+            q = t.quantize(t.encode_latents(x))
+            rec = t.decode_latents(q.quantized)
+            sem = t.decode_semantic(q.quantized)
+            cos = F.cosine_similarity(sem.float(), t.teacher_features(x), dim=-1).mean(1)
+            mse = ((rec.clamp(-1, 1) - x) ** 2).flatten(1).mean(1)
+            return mse, cos, q.indices
+        mse, cos, idv = batched(ev, n_val)
+        p = float((10 * torch.log10(4.0 / mse.clamp_min(1e-10))).mean())
+        # linear probe features from the ids (the understanding path)
+        n_probe = min(n_train, args.probe_images)
+        tr_ids = batched(lambda s: t.encode(xtr[s]), n_probe)
+        f_tr = batched(lambda s: t.semantic_features(tr_ids[s]).mean(1), n_probe)
+        f_va = batched(lambda s: t.semantic_features(idv[s]).mean(1), n_val)
+        d_tr = batched(lambda s: t.semantic_features(tr_ids[s], level="decoded").mean(1), n_probe)
+        d_va = batched(lambda s: t.semantic_features(idv[s], level="decoded").mean(1), n_val)
+        probe_cb = linear_probe(f_tr, ytr[:n_probe], f_va, yva)
+        probe_dec = linear_probe(d_tr, ytr[:n_probe], d_va, yva)
+        with torch.no_grad():
+            save_image_grid(torch.cat([xva[:16], t.decode(idv[:16])]), out / (label.replace(" ", "_") + ".png"))
+        return [
+            {"model": label, "metric": "PSNR (dB)", "value": p, "train_s": round(secs, 1), "tokens": t.seq_len},
+            {"model": label, "metric": "teacher cosine", "value": float(cos.mean()), "tokens": t.seq_len},
+            {"model": label, "metric": "codebook usage (val tokens)", "value": idv.unique().numel() / t.vocab_size,
+             "tokens": t.seq_len},
+            {"model": label, "metric": "linear probe acc (semantic codebook features)", "value": probe_cb,
+             "tokens": t.seq_len},
+            {"model": label, "metric": "linear probe acc (semantic decoder features)", "value": probe_dec,
+             "tokens": t.seq_len},
+        ], p
+
+    tf_rows, tf_psnr = fit_eval_tokenflow("TokenFlow multi-scale", codebook_size=1024)
+    tf1_rows, tf1_psnr = fit_eval_tokenflow("TokenFlow single-scale", codebook_size=1024, scales=(8,))
+    rows += tf_rows + tf1_rows
+
+    vq = VQGAN.from_preset("tiny", codebook_size=1024).to(dev)
+    vq.train()
+
+    def vq_loss(i):
+        x = xtr[i]
+        rec, q = vq(x)
+        return F.mse_loss(rec.float(), x) + q.loss
+    secs = train_loop("VQGAN", list(vq.parameters()), vq_loss, steps, 5e-4, n_train, batch, dev, betas=(0.9, 0.95))
+    vq.eval()
+
+    def vq_ev(s):
+        x = xva[s]
+        q = vq.quantize(vq.encode_latents(x))
+        rec = vq.decode_latents(q.quantized)
+        return ((rec.clamp(-1, 1) - x) ** 2).flatten(1).mean(1), q.indices.reshape(x.shape[0], -1)
+    mse, vids = batched(vq_ev, n_val)
+    vq_psnr = float((10 * torch.log10(4.0 / mse.clamp_min(1e-10))).mean())
+    n_probe = min(n_train, args.probe_images)
+    cb = vq.codebook_embeddings()
+    tr_ids = batched(lambda s: vq.encode(xtr[s]), n_probe)
+    probe_vq = linear_probe(cb[tr_ids].mean(1), ytr[:n_probe], cb[vids].mean(1), yva)
+    with torch.no_grad():
+        save_image_grid(torch.cat([xva[:16], vq.decode(vids[:16])]), out / "VQGAN.png")
+    rows += [
+        {"model": "VQGAN (tiny, K=1024)", "metric": "PSNR (dB)", "value": vq_psnr, "train_s": round(secs, 1),
+         "tokens": vq.seq_len},
+        {"model": "VQGAN (tiny, K=1024)", "metric": "codebook usage (val tokens)",
+         "value": vids.unique().numel() / vq.vocab_size, "tokens": vq.seq_len},
+        {"model": "VQGAN (tiny, K=1024)", "metric": "linear probe acc (pixel code embeddings)", "value": probe_vq,
+         "tokens": vq.seq_len},
+        {"model": "TokenFlow multi-scale - VQGAN", "metric": "PSNR gap (dB)", "value": tf_psnr - vq_psnr},
+        {"model": "TokenFlow single-scale - VQGAN", "metric": "PSNR gap (dB, same 64 ids)", "value": tf1_psnr - vq_psnr},
+    ]
+    for r in rows:
+        for k in ("train_s", "tokens"):
+            r.setdefault(k, None)
+    from workbench.benchutil import save_table
+
+    save_table("seed_tokenflow", rows, meta, root=str(out.parent))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
