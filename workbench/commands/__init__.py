@@ -18,6 +18,8 @@ LIGHTNING_SUBCOMMANDS: dict[str, str] = {
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("workbench.commands.demo", "Run the main job on built-in data and write runs/demo/"),
     "compress": ("workbench.commands.compress", "Token merging/dropping (ToMe, PiToMe, MustDrop, FastV): FLOPs, tokens, speed, accuracy"),
+    "generate": ("workbench.commands.generate", "Sample images from a trained GPT + tokenizer (CFG, top-k/p, seed): PNG grid + JSON"),
+    "eval-gen": ("workbench.commands.eval_gen", "Score generated images: shapes-classifier class accuracy, Frechet distance (+ Inception FID/IS)"),
     "synth-em": ("workbench.commands.synth_em", "Write a synthetic EM volume (CREMI-layout HDF5) with exact neuron ids"),
 }
 

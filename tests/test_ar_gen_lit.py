@@ -1,0 +1,146 @@
+"""Tests for ar_gen/lit.py, vtw generate and vtw eval-gen (tiny random tokenizer, GPT and classifier)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from ar_gen.lit import GPTModule, lr_factor
+
+
+def test_lr_schedule_warmup_then_cosine():
+    assert lr_factor(0, 10, 110, 0.1) == pytest.approx(0.1)
+    assert lr_factor(9, 10, 110, 0.1) == pytest.approx(1.0)
+    assert lr_factor(10, 10, 110, 0.1) == pytest.approx(1.0)
+    assert lr_factor(60, 10, 110, 0.1) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert lr_factor(110, 10, 110, 0.1) == pytest.approx(0.1)
+    assert lr_factor(500, 10, 110, 0.1) == pytest.approx(0.1)
+    assert lr_factor(5, 0, 0, 0.0) == 1.0  # no total known: constant
+
+
+def test_weight_decay_only_on_matrices():
+    module = GPTModule(preset="GPT-test", vocab_size=16, block_size=4, num_classes=3, weight_decay=0.1)
+    opt = module.configure_optimizers()["optimizer"]
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in no_decay["params"])
+    names = {id(p): n for n, p in module.model.named_parameters()}
+    assert {names[id(p)] for p in no_decay["params"]} == {n for n, p in module.model.named_parameters() if "norm" in n}
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(module.model.parameters()))
+
+
+@pytest.fixture(scope="module")
+def tiny_setup(tmp_path_factory):
+    """A random tiny VQGAN, token shards of 48 shapes images written by `vtw tokenize`, a tiny classifier."""
+    from tokenizers_img.vqgan import VQGAN
+    from vision.classifier import build_vit, classifier_config, save_classifier
+    from workbench.cli import main as vtw_main
+
+    root = tmp_path_factory.mktemp("argen")
+    torch.manual_seed(0)
+    tok = VQGAN.from_preset("tiny").eval()
+    tok.save_pretrained(str(root / "tok"))
+    for split, n in (("train", 48), ("val", 16)):
+        rc = vtw_main(["tokenize", "--tokenizer", str(root / "tok"), "--data", "shapes", "--split", split,
+                       "--num-samples", str(n), "--batch-size", "16", "--out", str(root / "shards" / split),
+                       "--device", "cpu"])
+        assert rc == 0
+    cfg = classifier_config("tiny", depth=1, embed_dim=32, num_heads=2)
+    save_classifier(build_vit(cfg), cfg, [f"c{i}" for i in range(cfg.num_classes)], root / "clf")
+    return root, tok
+
+
+@pytest.mark.slow
+def test_fit_ema_checkpoint_generate_and_eval_gen_end_to_end(tiny_setup, tmp_path, capsys):
+    import lightning.pytorch as pl
+
+    from ar_gen.gpt import load_gpt
+    from tokenizers_img.shards import TokenShardDataModule
+    from workbench.cli import main as vtw_main
+
+    root, tok = tiny_setup
+    data = TokenShardDataModule(str(root / "shards"), batch_size=8)
+    module = GPTModule(preset="GPT-test", vocab_size=data.vocab_size, block_size=data.seq_len, num_classes=30,
+                       lr=1e-2, warmup_steps=1, ema_decay=0.5)
+    trainer = pl.Trainer(max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, limit_val_batches=1, num_sanity_val_steps=0,
+                         gradient_clip_val=1.0, accelerator="cpu", default_root_dir=str(tmp_path))
+    trainer.fit(module, datamodule=data)
+    val = trainer.validate(module, datamodule=data, verbose=False)[0]
+    assert math.isfinite(val["val/loss"]) and 0.0 <= val["val/acc"] <= 1.0
+    # EMA (decay 0.5) moved towards the trained weights but is not equal to them
+    w, e = module.model.layers[0].attention.wqkv.weight, module.ema_model.layers[0].attention.wqkv.weight
+    assert not torch.equal(w, e)
+    ckpt = tmp_path / "gpt.ckpt"
+    trainer.save_checkpoint(ckpt)
+    model, meta = load_gpt(ckpt)
+    assert meta["weights"] == "ema_model"
+    torch.testing.assert_close(model.layers[0].attention.wqkv.weight, e)
+    raw, _ = load_gpt(ckpt, use_ema=False)
+    torch.testing.assert_close(raw.layers[0].attention.wqkv.weight, w)
+
+    out = tmp_path / "gen"
+    rc = vtw_main(["generate", "--gpt", str(ckpt), "--tokenizer", str(root / "tok"), "--classes", "0", "3",
+                   "--per-class", "2", "--cfg", "2.0", "--top-k", "50", "--seed", "1", "--batch-size", "3",
+                   "--out", str(out)])
+    assert rc == 0
+    record = json.loads((out / "generate.json").read_text())
+    assert [im["class"] for im in record["images"]] == [0, 0, 3, 3]
+    assert record["sampling"]["cfg_scale"] == 2.0 and record["sampling"]["top_k"] == 50
+    assert (out / "grid.png").is_file() and all((out / im["file"]).is_file() for im in record["images"])
+    assert record["timing"]["image_tokens_per_s"] > 0
+    # the same seed reproduces the same tokens exactly
+    from safetensors.torch import load_file
+
+    rc = vtw_main(["generate", "--gpt", str(ckpt), "--tokenizer", str(root / "tok"), "--classes", "0", "3",
+                   "--per-class", "2", "--cfg", "2.0", "--top-k", "50", "--seed", "1", "--batch-size", "3",
+                   "--out", str(tmp_path / "gen2")])
+    assert rc == 0
+    assert torch.equal(load_file(str(out / "tokens.safetensors"))["tokens"],
+                       load_file(str(tmp_path / "gen2" / "tokens.safetensors"))["tokens"])
+
+    rc = vtw_main(["eval-gen", "--generated", str(out), "--classifier", str(root / "clf"), "--num-real", "8"])
+    assert rc == 0
+    scores = json.loads((out / "eval_gen.json").read_text())
+    assert 0.0 <= scores["class_accuracy"] <= 1.0 and scores["num_images"] == 4
+    assert scores["frechet_distance"] >= 0 and "inception" in " ".join(scores)
+
+
+def test_generate_rejects_bad_input_before_work(tiny_setup, tmp_path, capsys):
+    from ar_gen.gpt import GPT, gpt_config, save_gpt
+    from workbench.cli import main as vtw_main
+
+    root, tok = tiny_setup
+    good = GPT(gpt_config("GPT-test", vocab_size=tok.vocab_size, block_size=tok.seq_len, num_classes=30))
+    save_gpt(good, tmp_path / "good")
+    bad_vocab = GPT(gpt_config("GPT-test", vocab_size=tok.vocab_size + 1, block_size=tok.seq_len, num_classes=30))
+    save_gpt(bad_vocab, tmp_path / "bad_vocab")
+    base = ["generate", "--tokenizer", str(root / "tok"), "--out", str(tmp_path / "o")]
+    assert vtw_main(base + ["--gpt", str(tmp_path / "good"), "--classes", "0", "30"]) == 2
+    assert "unknown class id(s) [30]" in capsys.readouterr().out
+    assert vtw_main(base + ["--gpt", str(tmp_path / "bad_vocab"), "--classes", "0"]) == 2
+    assert "vocabulary: GPT 513 vs tokenizer 512" in capsys.readouterr().out
+    torch.save({"state_dict": {"net.w": torch.zeros(1)}, "hyper_parameters": {}}, tmp_path / "clf.ckpt")
+    assert vtw_main(base + ["--gpt", str(tmp_path / "clf.ckpt"), "--classes", "0"]) == 2
+    assert "not a workbench GPT checkpoint" in capsys.readouterr().out
+    assert vtw_main(base + ["--gpt", str(tmp_path / "good"), "--captions", "a red circle"]) == 2
+    assert "class-conditional: pass --classes" in capsys.readouterr().out
+    assert not (tmp_path / "o" / "generate.json").exists()
+
+
+def test_caption_conditioned_module_trains_on_captions():
+    torch.manual_seed(0)
+    module = GPTModule(preset="GPT-test", vocab_size=16, block_size=4, model_type="t2i", text_tower="clip-tiny-32",
+                       lr=1e-2)
+    c = module.config
+    assert c.caption_dim == 64 and c.cls_token_num == 32  # open_clip tiny text tower: width 64, 32 tokens
+    assert not any(k.startswith("caption_encoder") for k in module.state_dict())
+    batch = {"tokens": torch.randint(0, 16, (3, 4)), "label": torch.zeros(3, dtype=torch.long),
+             "caption": ["a red circle", "a blue square", "two green triangles"]}
+    module.train()
+    loss = module.model.training_loss(batch["tokens"], module.condition(batch)).loss
+    loss.backward()
+    assert math.isfinite(loss.item()) and module.model.cls_embedding.cap_proj.fc1.weight.grad is not None
