@@ -77,6 +77,7 @@ def test_ema_and_restart_change_dead_codes():
     vq = VectorQuantizer(8, 2, use_ema=True, ema_decay=0.5, restart_dead=True, dead_after=2)
     with torch.no_grad():
         vq.embedding.weight.copy_(torch.tensor([[0.0, 0.0]] + [[-100.0, -100.0 - i] for i in range(7)]))
+        vq.ema_embed_sum.copy_(vq.embedding.weight)
     vq.train()
     before = vq.embedding.weight.clone()
     z = torch.randn(4, 2, 4, 4) * 0.1 + 1.0  # all near (1, 1): only code 0 is hit
@@ -84,11 +85,25 @@ def test_ema_and_restart_change_dead_codes():
     # EMA moved the used code towards the data
     assert not torch.equal(vq.embedding.weight[0], before[0])
     dead_before = vq.embedding.weight[1:].clone()
-    vq(z)
+    vq(z)  # second forward without hits: codes 1..7 are marked dead (applied before the next forward)
+    assert torch.allclose(vq.embedding.weight[1:], dead_before, atol=1e-2)  # EMA barely moves unused codes
+    assert vq.apply_pending_restart() == 7
     # after dead_after=2 forwards without hits, codes 1..7 were restarted onto encoder outputs
     assert not torch.equal(vq.embedding.weight[1:], dead_before)
     assert (vq.embedding.weight[1:] - 1.0).abs().max() < 1.0
     assert vq.embedding.weight.grad is None
+
+
+def test_restart_keeps_autograd_graph_valid():
+    vq = VectorQuantizer(16, 2, l2_norm=True, restart_dead=True, dead_after=1).train()
+    opt = torch.optim.SGD(vq.parameters(), lr=0.1)
+    z = torch.randn(2, 2, 3, 3, requires_grad=True)
+    for _ in range(3):  # restarts happen every step here; backward must still work
+        out = vq(z)
+        opt.zero_grad()
+        (out.quantized.sum() + out.loss).backward()
+        opt.step()
+    assert z.grad is not None
 
 
 def test_multiscale_shapes_roundtrip_and_drop_only_in_training():

@@ -154,6 +154,9 @@ class VectorQuantizer(nn.Module):
             self.register_buffer("ema_embed_sum", self.embedding.weight.detach().clone())
         # training forwards since each code was last selected (for dead-code restart)
         self.register_buffer("steps_unused", torch.zeros(codebook_size, dtype=torch.long), persistent=False)
+        # restarts chosen in one forward are applied at the start of the next one: changing the codebook in
+        # place before backward() would invalidate the autograd graph that used it
+        self._pending_restart: tuple[Tensor, Tensor] | None = None
 
     # ------------------------------------------------------------------ helpers
     def _normalize(self, x: Tensor) -> Tensor:
@@ -180,6 +183,7 @@ class VectorQuantizer(nn.Module):
         if z.ndim < 2 or z.shape[1] != self.dim:
             raise ValueError(f"VectorQuantizer expects (B, {self.dim}, ...) latents, got {tuple(z.shape)}")
         in_dtype = z.dtype
+        self.apply_pending_restart()
         with _fp32_off_autocast(z.device.type):
             z = z.float()
             z_last = z.movedim(1, -1)  # (B, *spatial, D)
@@ -244,11 +248,24 @@ class VectorQuantizer(nn.Module):
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             dist.broadcast(new, src=0)  # every rank restarts to the same vectors
         new = self._normalize(new) if self.l2_norm else new
+        self._pending_restart = (dead, new.clone())
+        self.steps_unused[dead] = 0
+
+    @torch.no_grad()
+    def apply_pending_restart(self) -> int:
+        """Move the codes marked dead in the previous training forward onto the chosen encoder outputs.
+
+        Called at the start of ``forward`` (and usable after the last step). Returns the number restarted.
+        """
+        if self._pending_restart is None:
+            return 0
+        dead, new = self._pending_restart
+        self._pending_restart = None
         self.embedding.weight[dead] = new.to(self.embedding.weight.dtype)
         if self.use_ema:
             self.ema_cluster_size[dead] = 1.0
             self.ema_embed_sum[dead] = new
-        self.steps_unused[dead] = 0
+        return int(dead.numel())
 
 
 def _as_hw(s: int | Sequence[int]) -> tuple[int, int]:
