@@ -17,6 +17,7 @@ LIGHTNING_SUBCOMMANDS: dict[str, str] = {
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("workbench.commands.demo", "Run the main job on built-in data and write runs/demo/"),
+    "tokenize": ("workbench.commands.tokenize", "Encode an image dataset with a trained tokenizer into token shards"),
     "compress": ("workbench.commands.compress", "Token merging/dropping (ToMe, PiToMe, MustDrop, FastV): FLOPs, tokens, speed, accuracy"),
     "generate": ("workbench.commands.generate", "Sample images from a trained GPT + tokenizer (CFG, top-k/p, seed): PNG grid + JSON"),
     "eval-gen": ("workbench.commands.eval_gen", "Score generated images: shapes-classifier class accuracy, Frechet distance (+ Inception FID/IS)"),
