@@ -105,7 +105,7 @@ def _check_all(paths: Sequence[str], min_side: int, check: str, threads: int, de
                          mininterval=2.0))
 
 
-def _warn_skipped(skipped: Sequence[tuple[str, str]], total: int, where: str, stacklevel: int = 4) -> None:
+def _warn_skipped(skipped: Sequence[tuple[str, str]], total: int, where: str, stacklevel: int = 3) -> None:
     if not skipped:
         return
     named = "; ".join(f"{path} ({reason})" for path, reason in skipped[:_NAMED_IN_WARNING])
