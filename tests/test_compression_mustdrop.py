@@ -139,3 +139,15 @@ def test_pitome_in_tower_and_save_load_roundtrip(setup, tmp_path):
     out = R.prefill(loaded.model, px, prompts)
     assert int(out.vision_in[0]) == 36 // 2  # one merging vision layer runs before the feature layer
     pitome.unpatch(loaded.model)
+
+
+def test_positions_kept_or_compacted(setup):
+    model, _, _, px, prompts = setup
+    ref = R.prefill(model, px, prompts)
+    keep_all = R.DropPlan(drop_layers=(1,), rule=lambda li, probs, ctx: ctx["valid"], compact_positions=True)
+    assert torch.allclose(R.prefill(model, px, prompts, keep_all).logits, ref.logits, atol=1e-6)
+    kept = R.prefill(model, px, prompts, _plan(stage1=False))  # stage 1 shortens the sequence itself
+    compacted = R.prefill(model, px, prompts, _plan(stage1=False, compact_positions=True))
+    assert (kept.vision_out < kept.vision_in).all()
+    assert torch.equal(kept.next_pos, ref.next_pos)  # original RoPE positions survive the drops
+    assert (compacted.next_pos < kept.next_pos).all()  # released-code behaviour: renumbered
