@@ -32,8 +32,8 @@ def add_speculative_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--speculative", choices=MODES, default="none",
                    help="none: plain AR; exact: lossless speculative sampling; lantern: relaxed acceptance")
     g.add_argument("--drafter", type=Path, default=None,
-                   help="drafter checkpoint: an EAGLE drafter (.ckpt of EagleDrafterModule or save_eagle dir) "
-                        "or a small GPT on the same tokenizer")
+                   help="drafter: an EAGLE drafter (.ckpt of EagleDrafterModule or save_eagle dir), a small GPT "
+                        "on the same tokenizer, or an n-gram table (.safetensors from fit_ngram_drafter)")
     g.add_argument("--gamma", type=int, default=4, help="drafted tokens per target forward (chain length)")
     g.add_argument("--lantern-k", type=int, default=1000, help="latent neighbourhood size k (clamped to V-1)")
     g.add_argument("--lantern-delta", type=float, default=0.1,
@@ -48,12 +48,18 @@ def load_drafter_runner(path: str | os.PathLike, target: nn.Module, map_location
 
     from ar_gen.eagle import load_eagle
     from ar_gen.gpt import load_gpt
-    from ar_gen.spec_models import EagleDraftRunner, GPTDraftRunner
+    from ar_gen.spec_models import EagleDraftRunner, GPTDraftRunner, NGramDraftRunner, NGramTable
 
     p = Path(path)
     if not p.exists():
         raise ValueError(f"--drafter {p} does not exist")
     kind = None
+    if p.is_file() and p.suffix == ".safetensors":
+        table = NGramTable.load(p)
+        if (table.vocab_size, table.grid_w) != (target.config.vocab_size, target.config.grid_w):
+            raise ValueError(f"n-gram drafter {p} (vocab={table.vocab_size}, grid width={table.grid_w}) does not fit "
+                             f"the target (vocab={target.config.vocab_size}, grid width={target.config.grid_w})")
+        return NGramDraftRunner(table)
     if p.is_dir() and (p / "config.json").is_file():
         kind = json.loads((p / "config.json").read_text()).get("arch")
     elif p.is_file():
@@ -72,7 +78,7 @@ def load_drafter_runner(path: str | os.PathLike, target: nn.Module, map_location
                              f"does not fit the target (vocab={tc.vocab_size}, block={tc.block_size}, "
                              f"classes={tc.num_classes})")
         return GPTDraftRunner(small)
-    raise ValueError(f"--drafter {p}: neither an EAGLE drafter nor a workbench GPT checkpoint")
+    raise ValueError(f"--drafter {p}: neither an EAGLE drafter, a workbench GPT checkpoint nor an n-gram table")
 
 
 @dataclass
@@ -154,6 +160,8 @@ class Arm:
     mode: str  # "plain" | "exact" | "lantern"
     lantern_k: int = 1000
     lantern_delta: float = 0.0
+    drafter: Any = None  # a drafter runner for this arm (default: run_arms' drafter_runner)
+    gamma: int | None = None  # chain length for this arm (default: run_arms' gamma)
 
 
 def run_arms(target: nn.Module, drafter_runner: Any, arms: list[Arm], labels: torch.Tensor, sampling: SamplingConfig,
@@ -182,8 +190,8 @@ def run_arms(target: nn.Module, drafter_runner: Any, arms: list[Arm], labels: to
     for arm in arms:
         spec = None
         if arm.mode != "plain":
-            spec = make_generator(target, drafter_runner, arm.mode, gamma, arm.lantern_k, arm.lantern_delta,
-                                  codebook, cache_dir)
+            spec = make_generator(target, arm.drafter or drafter_runner, arm.mode, arm.gamma or gamma, arm.lantern_k,
+                                  arm.lantern_delta, codebook, cache_dir)
         if warmup:
             _one_chunk(target, spec, chunks[0], sampling, seed, generate)
         times, outs, agg = [], [], {"target_forwards": 0, "tau_num": 0.0, "tau_den": 0, "mass": 0.0}
@@ -226,3 +234,18 @@ def _one_chunk(target, spec, labels, sampling, seed, generate_fn) -> tuple[torch
                       "relaxed_mass_per_image": 0.0}
     out = spec.generate(labels, sampling, generator=gen)
     return out.tokens, out.stats.as_dict()
+
+
+def fit_ngram_drafter(shards_dir: str | os.PathLike, out: str | os.PathLike, max_batches: int = 1000) -> Path:
+    """Count the spatial n-gram drafter table on ``vtw tokenize`` shards and save it (seconds on CPU)."""
+    from ar_gen.lit_drafter import token_batches
+    from ar_gen.spec_models import NGramTable
+    from tokenizers_img.shards import read_index
+
+    index = read_index(Path(shards_dir) / "train")
+    tok = index["tokenizer"]
+    batches = token_batches(shards_dir, batch_size=256, max_batches=max_batches)
+    tokens = torch.cat([b["tokens"] for b in batches])
+    labels = torch.cat([b["label"] for b in batches])
+    grid_w = int(tok["token_grid"][1])
+    return NGramTable.fit(tokens, labels, int(tok["vocab_size"]), grid_w).save(out)

@@ -23,6 +23,10 @@ Drafter runners (the ``Drafter`` protocol of :mod:`ar_gen.speculative`):
 
 from __future__ import annotations
 
+import os
+import tempfile
+from pathlib import Path
+
 import torch
 from torch import nn
 
@@ -249,3 +253,136 @@ class EagleDraftRunner:
         self.pending_hidden = hidden[:, :m]
         self.pending_pos = start_pos.unsqueeze(1) + torch.arange(m, device=start_pos.device)
         self.pending_last = n_accepted.clone()
+
+
+NGRAM_ARCH = "ar_gen.spec_models.NGramTable"
+
+
+class NGramTable:
+    """Top-1 next-token table of a spatial n-gram model over raster token grids (a free drafter for CPUs).
+
+    Context of token i (grid width w): (label, left = x[i-1], up = x[i-w]) with ``V`` standing for "none"
+    (first column / first row). Lookup backs off (label, left, up) -> (left, up) -> (left) -> the most
+    frequent token. Stored sparsely as sorted key / token arrays (never a V x V table).
+    """
+
+    def __init__(self, vocab_size: int, grid_w: int, tables: list[tuple[torch.Tensor, torch.Tensor]],
+                 fallback: int):
+        self.vocab_size, self.grid_w, self.tables, self.fallback = vocab_size, grid_w, tables, fallback
+
+    @staticmethod
+    def _keys(label: torch.Tensor, left: torch.Tensor, up: torch.Tensor, vocab: int) -> list[torch.Tensor]:
+        v1 = vocab + 1
+        return [(label * v1 + left) * v1 + up, left * v1 + up, left]
+
+    @classmethod
+    def fit(cls, tokens: torch.Tensor, labels: torch.Tensor, vocab_size: int, grid_w: int) -> NGramTable:
+        """tokens (N, L) raster order, labels (N,) -> table of the most frequent next token per context."""
+        n, length = tokens.shape
+        tokens = tokens.long().cpu()
+        idx = torch.arange(length)
+        left = torch.where(idx % grid_w > 0, tokens.roll(1, dims=1), torch.full_like(tokens, vocab_size))
+        up = torch.where(idx >= grid_w, tokens.roll(grid_w, dims=1), torch.full_like(tokens, vocab_size))
+        lab = labels.long().cpu().unsqueeze(1).expand(n, length)
+        tables = []
+        for key in cls._keys(lab, left, up, vocab_size):
+            pair = key.reshape(-1) * vocab_size + tokens.reshape(-1)
+            uniq, counts = pair.unique(return_counts=True)
+            k, t = uniq // vocab_size, uniq % vocab_size
+            order = counts.argsort(descending=True, stable=True)
+            order = order[k[order].argsort(stable=True)]  # grouped by key, most frequent first
+            k, t = k[order], t[order]
+            first = torch.ones_like(k, dtype=torch.bool)
+            first[1:] = k[1:] != k[:-1]
+            tables.append((k[first].contiguous(), t[first].contiguous()))
+        fallback = int(torch.bincount(tokens.reshape(-1), minlength=vocab_size).argmax())
+        return cls(vocab_size, grid_w, tables, fallback)
+
+    def lookup(self, label: torch.Tensor, left: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        """(B,) contexts -> (B,) predicted tokens."""
+        out = torch.full_like(left, self.fallback)
+        found = torch.zeros_like(left, dtype=torch.bool)
+        for key, (keys, toks) in zip(self._keys(label, left, up, self.vocab_size), self.tables):
+            keys, toks = keys.to(left.device), toks.to(left.device)
+            pos = torch.searchsorted(keys, key.contiguous()).clamp(max=keys.numel() - 1)
+            hit = (keys[pos] == key) & ~found
+            out = torch.where(hit, toks[pos], out)
+            found = found | hit
+        return out
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        state = {"meta": torch.tensor([self.vocab_size, self.grid_w, self.fallback])}
+        for i, (k, t) in enumerate(self.tables):
+            state[f"keys{i}"], state[f"tokens{i}"] = k, t
+        return state
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """One ``.safetensors`` file (temp name, then rename)."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".safetensors.tmp")
+        os.close(fd)
+        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, tmp, metadata={"arch": NGRAM_ARCH})
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> NGramTable:
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        with safe_open(str(path), "pt") as fh:
+            arch = (fh.metadata() or {}).get("arch")
+        if arch != NGRAM_ARCH:
+            raise ValueError(f"{path}: not an n-gram drafter table (arch={arch!r})")
+        return cls.from_state_dict(load_file(str(path)))
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, torch.Tensor]) -> NGramTable:
+        vocab, grid_w, fallback = (int(x) for x in state["meta"])
+        tables = [(state[f"keys{i}"], state[f"tokens{i}"]) for i in range(3)]
+        return cls(vocab, grid_w, tables, fallback)
+
+
+class NGramDraftRunner:
+    """Drafter (c), beyond the issue: spatial n-gram lookups (no network call per draft; CPU-friendly).
+    Deterministic top-1 drafts, so verification uses LANTERN's q(x) = 1 rule (lossless at delta = 0)."""
+
+    def __init__(self, table: NGramTable):
+        self.table = table
+        self.buf: torch.Tensor | None = None  # (B, max_seq) generated tokens (+ scratch drafts)
+        self.labels: torch.Tensor | None = None
+
+    def setup(self, rows: int, max_seq: int) -> None:
+        self.max_seq = max_seq
+
+    def start(self, labels: torch.Tensor, hidden0: torch.Tensor, first_token: torch.Tensor) -> None:
+        self.buf = torch.zeros(labels.shape[0], self.max_seq, dtype=torch.int64, device=labels.device)
+        self.buf[:, 0] = first_token
+        self.labels = labels
+
+    @torch.no_grad()
+    def draft(self, gamma: int, sampler: StepSampler, first_step: torch.Tensor) -> tuple[torch.Tensor, None]:
+        batch = first_step.shape[0]
+        buf, w, vocab = self.buf[:batch], self.table.grid_w, self.table.vocab_size
+        rows = torch.arange(batch, device=buf.device)
+        labels = self.labels[:batch]
+        drafts = []
+        for i in range(gamma):
+            idx = (first_step + i).clamp(max=buf.shape[1] - 1)  # token index being drafted
+            left = torch.where(idx % w > 0, buf[rows, (idx - 1).clamp(min=0)], torch.full_like(idx, vocab))
+            up = torch.where(idx >= w, buf[rows, (idx - w).clamp(min=0)], torch.full_like(idx, vocab))
+            d = self.table.lookup(labels, left, up)
+            buf[rows, idx] = d
+            drafts.append(d)
+        return torch.stack(drafts, 1), None
+
+    def commit(self, n_accepted: torch.Tensor, fed: torch.Tensor, new: torch.Tensor, hidden: torch.Tensor,
+               start_pos: torch.Tensor) -> None:
+        batch = self.buf.shape[0]
+        n, new, start = n_accepted[:batch], new[:batch], start_pos[:batch]  # cond rows (uncond are copies)
+        cols = (start.unsqueeze(1) + torch.arange(new.shape[1], device=new.device)).clamp(max=self.buf.shape[1] - 1)
+        keep = torch.arange(new.shape[1], device=new.device).unsqueeze(0) <= n.unsqueeze(1)
+        self.buf.scatter_(1, cols, torch.where(keep, new, self.buf.gather(1, cols)))

@@ -35,6 +35,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--drafter", type=Path, default=None, help="drafter; default <demo>/speculative/drafter")
     p.add_argument("--shards", type=Path, default=None, help="token shards (to train a drafter if none is given)")
     p.add_argument("--classifier", type=Path, default=None, help="shapes classifier dir; default <demo>/classifier")
+    p.add_argument("--ngram", type=Path, default=None,
+                   help="n-gram drafter table (.safetensors); default <demo>/speculative/ngram.safetensors if present")
+    p.add_argument("--ngram-gamma", type=int, default=4)
     p.add_argument("--train-seconds", type=float, default=120.0)
     p.add_argument("--gamma", type=int, default=3)
     p.add_argument("--deltas", type=float, nargs="+", default=[0.05, 0.1, 0.2])
@@ -126,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     tok_path = _path(args.tokenizer, demo / "tokenizer", "tokenizer")
     classifier = _path(args.classifier, demo / "classifier", "classifier", required=False)
     drafter_path = _path(args.drafter, demo / "speculative" / "drafter", "drafter", required=False)
+    if args.ngram is None and (demo / "speculative" / "ngram.safetensors").is_file():
+        args.ngram = demo / "speculative" / "ngram.safetensors"
     if drafter_path is None and args.shards is None:
         raise SystemExit("bench_speculative: no drafter found; pass --drafter or --shards to train one")
     device = torch.device(args.device)
@@ -148,6 +153,19 @@ def main(argv: list[str] | None = None) -> int:
     sampling = SamplingConfig(cfg_scale=args.cfg, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     arms = [Arm("plain", "plain"), Arm("exact", "exact")]
     arms += [Arm(f"lantern k={k} d={d}", "lantern", k, d) for k in args.ks for d in args.deltas]
+    if args.ngram is not None or args.shards is not None:  # the n-gram drafter (beyond the issue)
+        from ar_gen.spec_models import NGramDraftRunner, NGramTable
+
+        if args.ngram is not None:
+            table = NGramTable.load(args.ngram)
+        else:
+            from ar_gen.spec_cli import fit_ngram_drafter
+
+            table = NGramTable.load(fit_ngram_drafter(args.shards, Path("runs/bench") / args.name / "ngram.safetensors"))
+        ng = NGramDraftRunner(table)
+        arms += [Arm("exact (n-gram)", "exact", drafter=ng, gamma=args.ngram_gamma)]
+        arms += [Arm(f"lantern k={args.ks[-1]} d={d} (n-gram)", "lantern", args.ks[-1], d, drafter=ng,
+                     gamma=args.ngram_gamma) for d in args.deltas]
     n_cls = target.config.num_classes
     cache_dir = Path("runs/bench") / args.name / "neighbours"
 

@@ -98,3 +98,23 @@ def test_trained_drafter_accepts_more_than_untrained() -> None:
         spec = make_generator(target, EagleDraftRunner(drafter, target), "exact", gamma=3)
         taus.append(spec.generate(labels, sampling, generator=torch.Generator().manual_seed(0)).stats.mean_accepted_length)
     assert taus[1] > taus[0] + 0.2, taus
+
+
+def test_ngram_drafter_file_through_generate_options(tmp_path) -> None:
+    from ar_gen.spec_models import NGramDraftRunner, NGramTable
+
+    target = _target()
+    batch = _batches(target, n=32)[0]
+    NGramTable.fit(batch["tokens"], batch["label"], 24, 4).save(tmp_path / "ngram.safetensors")
+    parser = argparse.ArgumentParser()
+    add_speculative_arguments(parser)
+    spec = build_speculative(parser.parse_args(["--speculative", "exact", "--drafter",
+                                                str(tmp_path / "ngram.safetensors")]), target)
+    assert isinstance(spec.drafter, NGramDraftRunner)
+    sampling = SamplingConfig(cfg_scale=2.0, greedy=True)
+    out = spec.generate(torch.tensor([0, 1, 2]), sampling)
+    assert torch.equal(out.tokens, generate(target, torch.tensor([0, 1, 2]), sampling))
+    small = GPT(gpt_config("GPT-test", vocab_size=24, block_size=36, num_classes=4))
+    with pytest.raises(ValueError, match="does not fit"):
+        build_speculative(parser.parse_args(["--speculative", "exact", "--drafter",
+                                             str(tmp_path / "ngram.safetensors")]), small)

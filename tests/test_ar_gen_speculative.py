@@ -9,7 +9,7 @@ from ar_gen.acceptance import AcceptanceConfig, NeighbourTable, latent_neighbour
 from ar_gen.eagle import EagleDrafter, eagle_config, load_eagle, save_eagle
 from ar_gen.gpt import GPT, gpt_config
 from ar_gen.sampling import SamplingConfig, generate
-from ar_gen.spec_models import EagleDraftRunner, GPTDraftRunner, RowCachedGPT
+from ar_gen.spec_models import EagleDraftRunner, GPTDraftRunner, NGramDraftRunner, NGramTable, RowCachedGPT
 from ar_gen.speculative import speculative_generate
 
 
@@ -77,7 +77,7 @@ def test_rejected_positions_leave_no_trace_in_the_kv_cache() -> None:
             assert float(v_s[row, :, end:].abs().max()) == 0.0
 
 
-@pytest.mark.parametrize("drafter_kind", ["same", "gpt", "eagle"])
+@pytest.mark.parametrize("drafter_kind", ["same", "gpt", "eagle", "ngram"])
 @pytest.mark.parametrize("cfg_scale", [1.0, 2.0])
 def test_greedy_speculative_equals_greedy_plain(drafter_kind: str, cfg_scale: float) -> None:
     target = _gpt(2)
@@ -88,6 +88,11 @@ def test_greedy_speculative_equals_greedy_plain(drafter_kind: str, cfg_scale: fl
         drafter = GPTDraftRunner(_gpt(2))
     elif drafter_kind == "gpt":
         drafter = GPTDraftRunner(_gpt(3, dim=16, layers=1))
+    elif drafter_kind == "ngram":  # fitted on the target's own samples: a good drafter
+        sample_labels = torch.arange(64) % 4
+        samples = generate(target, sample_labels, SamplingConfig(cfg_scale=cfg_scale, temperature=0.5),
+                           generator=torch.Generator().manual_seed(0))
+        drafter = NGramDraftRunner(NGramTable.fit(samples, sample_labels, 24, 4))
     else:
         drafter = EagleDraftRunner(_eagle(target, 4), target)
     out = speculative_generate(RowCachedGPT(target), drafter, labels, 16, gamma=3,
@@ -197,3 +202,23 @@ def test_ragged_rows_stay_inside_the_cache(drafter_kind: str) -> None:
                                    sampling=SamplingConfig(cfg_scale=1.5), table=table,
                                    generator=torch.Generator().manual_seed(seed), null_class=4)
         assert out.tokens.shape == (8, 16) and int(out.tokens.max()) < 24
+
+
+def test_ngram_table_learns_a_deterministic_rule_and_round_trips() -> None:
+    vocab, w = 11, 4
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.zeros(200, 16, dtype=torch.int64)
+    tokens[:, 0] = torch.randint(0, vocab, (200,), generator=gen)
+    for i in range(1, 16):  # x_i = (left + 2 * up + 1) mod V
+        left = tokens[:, i - 1] if i % w else torch.full((200,), vocab)
+        up = tokens[:, i - w] if i >= w else torch.full((200,), vocab)
+        tokens[:, i] = (left + 2 * up + 1) % vocab
+    labels = torch.randint(0, 3, (200,), generator=gen)
+    table = NGramTable.fit(tokens, labels, vocab, w)
+    i = torch.arange(16)
+    left = torch.where(i % w > 0, tokens.roll(1, 1), torch.full_like(tokens, vocab))[:, 1:]
+    up = torch.where(i >= w, tokens.roll(w, 1), torch.full_like(tokens, vocab))[:, 1:]
+    pred = table.lookup(labels.unsqueeze(1).expand(-1, 15).reshape(-1), left.reshape(-1), up.reshape(-1))
+    assert torch.equal(pred, tokens[:, 1:].reshape(-1))
+    again = NGramTable.from_state_dict(table.state_dict())
+    assert torch.equal(again.lookup(labels, left[:, 3], up[:, 3]), tokens[:, 4])
