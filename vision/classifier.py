@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -98,6 +99,7 @@ class ImageClassifier(pl.LightningModule):
         warmup_steps: int = 100,
         label_smoothing: float = 0.1,
         class_names: list[str] | None = None,
+        time_budget_s: float | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -105,6 +107,7 @@ class ImageClassifier(pl.LightningModule):
                                         patch_size=patch_size, embed_dim=embed_dim, depth=depth, num_heads=num_heads)
         self.net = build_vit(self.config)
         self.class_names = class_names
+        self._fit_started: float | None = None
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.net(images)
@@ -117,6 +120,9 @@ class ImageClassifier(pl.LightningModule):
         self.log(f"{stage}/loss", loss, prog_bar=True, sync_dist=stage != "train")
         self.log(f"{stage}/acc", acc, prog_bar=True, sync_dist=stage != "train")
         return loss
+
+    def on_train_start(self) -> None:
+        self._fit_started = time.monotonic()
 
     def training_step(self, batch, batch_idx):
         return self._common_step(batch, "train")
@@ -139,7 +145,17 @@ class ImageClassifier(pl.LightningModule):
         )
         total = max(int(self.trainer.estimated_stepping_batches), 1)
         warmup = min(self.hparams.warmup_steps, total // 2)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(step, warmup, total))
+        budget = self.hparams.time_budget_s
+
+        def factor(step: int) -> float:
+            # with a wall-clock budget (trainer max_time), the cosine follows whichever of steps and
+            # time is further along, so a slow machine still ends its run at the low learning rate
+            if budget and self._fit_started is not None and step >= warmup:
+                elapsed_fraction = (time.monotonic() - self._fit_started) / budget
+                step = max(step, warmup + int(elapsed_fraction * (total - warmup)))
+            return warmup_cosine(step, warmup, total)
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
