@@ -27,6 +27,7 @@ Writes runs/bench/seed_tokenflow/results.{md,json} and PNG reconstruction grids.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import sys
@@ -146,19 +147,148 @@ def run_seed(tower, cls_path, xtr, ctr, xva, cva, steps, batch, dev, out, work):
     return rows, summary
 
 
+def part_tower(args, data, dev, work):
+    from vision.towers import build_vision_tower
+
+    xtr, ytr, _, xva, yva, _ = data
+    tower = build_vision_tower(args.tower).to(dev)
+    head = torch.nn.Linear(tower.embed_dim, 30).to(dev)
+    secs = train_loop("tower classifier", [*tower.parameters(), *head.parameters()],
+                      lambda i: F.cross_entropy(head(tower(xtr[i]).pooled), ytr[i], label_smoothing=0.1),
+                      args.tower_steps or args.steps, 2e-3, xtr.shape[0], args.batch, dev, wd=0.05)
+    tower.eval()
+    acc = float(batched(lambda s: (head(tower(xva[s]).pooled).argmax(1) == yva[s]).float(), xva.shape[0]).mean())
+    tower.save(work / "tower.safetensors")
+    return [{"model": f"{args.tower} (teacher / frozen tower)", "metric": "classifier val accuracy",
+             "value": acc, "train_s": round(secs, 1)}]
+
+
+def part_tokenflow(args, data, dev, out, cls_path, label="TokenFlow multi-scale", **over):
+    from tokenizers_img.seed import save_image_grid
+    from tokenizers_img.tokenflow import TokenFlowTokenizer, tokenflow_config
+
+    xtr, ytr, _, xva, yva, _ = data
+    n_val = xva.shape[0]
+    t = TokenFlowTokenizer(tokenflow_config("tiny", semantic_tower=args.tower, teacher_pretrained=cls_path,
+                                            pixel_channels=args.pixel_channels, **over)).to(dev)
+    params = [p for p in t.parameters() if p.requires_grad]
+    t.train()
+    t.teacher.eval()
+    secs = train_loop(label, params, lambda i: t.losses(xtr[i])[0], args.steps, 5e-4, xtr.shape[0], args.batch,
+                      dev, betas=(0.9, 0.95))
+    t.eval()
+
+    def ev(s):
+        x = xva[s]
+        q = t.quantize(t.encode_latents(x))
+        rec = t.decode_latents(q.quantized)
+        sem = t.decode_semantic(q.quantized)
+        cos = F.cosine_similarity(sem.float(), t.teacher_features(x), dim=-1).mean(1)
+        mse = ((rec.clamp(-1, 1) - x) ** 2).flatten(1).mean(1)
+        return mse, cos, q.indices
+    mse, cos, idv = batched(ev, n_val)
+    p = float((10 * torch.log10(4.0 / mse.clamp_min(1e-10))).mean())
+    n_probe = min(xtr.shape[0], args.probe_images)  # linear probes on features of the ids (understanding path)
+    tr_ids = batched(lambda s: t.encode(xtr[s]), n_probe)
+    f_tr = batched(lambda s: t.semantic_features(tr_ids[s]).mean(1), n_probe)
+    f_va = batched(lambda s: t.semantic_features(idv[s]).mean(1), n_val)
+    d_tr = batched(lambda s: t.semantic_features(tr_ids[s], level="decoded").mean(1), n_probe)
+    d_va = batched(lambda s: t.semantic_features(idv[s], level="decoded").mean(1), n_val)
+    probe_cb = linear_probe(f_tr, ytr[:n_probe], f_va, yva)
+    probe_dec = linear_probe(d_tr, ytr[:n_probe], d_va, yva)
+    with torch.no_grad():
+        save_image_grid(torch.cat([xva[:16], t.decode(idv[:16])]), out / (label.replace(" ", "_") + ".png"))
+    n = t.seq_len
+    return [
+        {"model": label, "metric": "PSNR (dB)", "value": p, "train_s": round(secs, 1), "tokens": n},
+        {"model": label, "metric": "teacher cosine", "value": float(cos.mean()), "tokens": n},
+        {"model": label, "metric": "codebook usage (val tokens)", "value": idv.unique().numel() / t.vocab_size,
+         "tokens": n},
+        {"model": label, "metric": "linear probe acc (semantic codebook features)", "value": probe_cb, "tokens": n},
+        {"model": label, "metric": "linear probe acc (semantic decoder features)", "value": probe_dec, "tokens": n},
+    ]
+
+
+def part_vqgan(args, data, dev, out):
+    from tokenizers_img.seed import save_image_grid
+    from tokenizers_img.vqgan import VQGAN
+
+    xtr, ytr, _, xva, yva, _ = data
+    n_val = xva.shape[0]
+    vq = VQGAN.from_preset("tiny", codebook_size=args.codebook_size, ch=args.pixel_channels,
+                           norm_groups=min(16, args.pixel_channels)).to(dev)
+    vq.train()
+
+    def vq_loss(i):
+        x = xtr[i]
+        rec, q = vq(x)
+        return F.mse_loss(rec.float(), x) + q.loss
+    secs = train_loop("VQGAN", list(vq.parameters()), vq_loss, args.steps, 5e-4, xtr.shape[0], args.batch, dev,
+                      betas=(0.9, 0.95))
+    vq.eval()
+
+    def vq_ev(s):
+        x = xva[s]
+        q = vq.quantize(vq.encode_latents(x))
+        rec = vq.decode_latents(q.quantized)
+        return ((rec.clamp(-1, 1) - x) ** 2).flatten(1).mean(1), q.indices.reshape(x.shape[0], -1)
+    mse, vids = batched(vq_ev, n_val)
+    psnr_db = float((10 * torch.log10(4.0 / mse.clamp_min(1e-10))).mean())
+    n_probe = min(xtr.shape[0], args.probe_images)
+    cb = vq.codebook_embeddings()
+    tr_ids = batched(lambda s: vq.encode(xtr[s]), n_probe)
+    probe_vq = linear_probe(cb[tr_ids].mean(1), ytr[:n_probe], cb[vids].mean(1), yva)
+    with torch.no_grad():
+        save_image_grid(torch.cat([xva[:16], vq.decode(vids[:16])]), out / "VQGAN.png")
+    label = f"VQGAN (tiny, K={args.codebook_size})"
+    return [
+        {"model": label, "metric": "PSNR (dB)", "value": psnr_db, "train_s": round(secs, 1), "tokens": vq.seq_len},
+        {"model": label, "metric": "codebook usage (val tokens)", "value": vids.unique().numel() / vq.vocab_size,
+         "tokens": vq.seq_len},
+        {"model": label, "metric": "linear probe acc (pixel code embeddings)", "value": probe_vq,
+         "tokens": vq.seq_len},
+    ]
+
+
+def summary_rows(rows):
+    """PSNR gaps TokenFlow - VQGAN (target: within 1 dB) and probe margins."""
+    def get(model_prefix, metric):
+        for r in rows:
+            if r["model"].startswith(model_prefix) and r["metric"].startswith(metric):
+                return r["value"]
+        return None
+    out = []
+    vq_p, vq_probe = get("VQGAN", "PSNR"), get("VQGAN", "linear probe")
+    for tf in ("TokenFlow multi-scale", "TokenFlow single-scale"):
+        p, probe = get(tf, "PSNR"), get(tf, "linear probe acc (semantic codebook")
+        if p is not None and vq_p is not None:
+            out.append({"model": f"{tf} - VQGAN", "metric": "PSNR gap (dB)", "value": p - vq_p})
+        if probe is not None and vq_probe is not None:
+            out.append({"model": f"{tf} - VQGAN", "metric": "linear probe margin", "value": probe - vq_probe})
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="tiny step counts (CPU smoke run)")
+    ap.add_argument("--only", default="all", choices=["all", "tower", "seed", "tokenflow", "vqgan", "merge"],
+                    help="run one part (parts share --work; 'merge' writes the table from the saved parts)")
+    ap.add_argument("--quick", action="store_true", help="tiny step counts (smoke run)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--tower", default="timm-vit-classifier-tiny",
                     help="vision.towers preset of the frozen SEED tower / TokenFlow teacher (clip-tiny-32 on a busy CPU)")
     ap.add_argument("--tower-checkpoint", default=None,
                     help="trained weights of --tower (e.g. the demo classifier's model.safetensors); else trained here")
     ap.add_argument("--tower-steps", type=int, default=None, help="steps of the tower's classifier training")
-    ap.add_argument("--probe-images", type=int, default=5000, help="training images of the linear probes")
     ap.add_argument("--steps", type=int, default=3000, help="steps per training stage")
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--pixel-channels", type=int, default=32, help="conv width of TokenFlow's pixel branch and the VQGAN")
+    ap.add_argument("--codebook-size", type=int, default=1024, help="K of TokenFlow and the VQGAN")
+    ap.add_argument("--single-scale", action="store_true", help="also train TokenFlow with one 8x8 scale (64 ids)")
+    ap.add_argument("--train-images", type=int, default=20000)
+    ap.add_argument("--val-images", type=int, default=1000)
+    ap.add_argument("--probe-images", type=int, default=5000, help="training images of the linear probes")
     ap.add_argument("--out", default=str(OUT))
-    ap.add_argument("--work", default=None, help="folder for intermediate checkpoints (default: --out)")
+    ap.add_argument("--work", default=None, help="folder for checkpoints and partial results (default: --out)")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -168,126 +298,52 @@ def main() -> int:
     torch.manual_seed(0)
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
-    steps = 30 if args.quick else args.steps
-    n_train, n_val = (2000, 300) if args.quick else (20000, 1000)
-    batch = 64
+    if args.quick:
+        args.steps, args.tower_steps, args.train_images, args.val_images, args.probe_images = 30, 30, 2000, 300, 500
+    parts = ["tower", "seed", "tokenflow", "vqgan"] if args.only == "all" else [args.only]
+    if args.tower_checkpoint is not None and "tower" in parts:
+        parts.remove("tower")
+    cls_path = args.tower_checkpoint or str(work / "tower.safetensors")
 
-    from tokenizers_img.seed import save_image_grid
-    from tokenizers_img.tokenflow import TokenFlowTokenizer, tokenflow_config
-    from tokenizers_img.vqgan import VQGAN
-    from vision.towers import build_vision_tower
-
-    xtr, ytr, ctr = load_split("train", n_train, dev)
-    xva, yva, cva = load_split("val", n_val, dev)
-    rows, meta = [], {"device": str(dev), "steps_per_stage": steps, "train_images": n_train, "val_images": n_val,
-                      "batch": batch, "command": " ".join(["benchmarks/bench_seed_tokenflow.py", *sys.argv[1:]])}
-    if dev.type == "cuda":
-        meta["gpu"] = torch.cuda.get_device_name(dev)
-
-    # ---------------------------------------------------------------- the frozen teacher / tower
-    cls_path = args.tower_checkpoint
-    if cls_path is None:  # train the tower as a shapes classifier (pooled embedding -> linear head)
-        tower = build_vision_tower(args.tower).to(dev)
-        head = torch.nn.Linear(tower.embed_dim, 30).to(dev)
-        secs = train_loop("tower classifier", [*tower.parameters(), *head.parameters()],
-                          lambda i: F.cross_entropy(head(tower(xtr[i]).pooled), ytr[i], label_smoothing=0.1),
-                          args.tower_steps or steps, 2e-3, n_train, 128, dev, wd=0.05)
-        tower.eval()
-        acc = float(batched(lambda s: (head(tower(xva[s]).pooled).argmax(1) == yva[s]).float(), n_val).mean())
-        cls_path = str(work / "tower.safetensors")
-        tower.save(cls_path)
-        rows.append({"model": f"{args.tower} (teacher / frozen tower)", "metric": "classifier val accuracy",
-                     "value": acc, "train_s": round(secs, 1)})
-        del tower, head
-    meta["tower"] = f"{args.tower} from {cls_path}"
-
-    # ---------------------------------------------------------------- SEED
-    seed_rows, meta["seed"] = run_seed(args.tower, cls_path, xtr, ctr, xva, cva, steps, batch, dev, out, work)
-    rows += seed_rows
-
-    # ---------------------------------------------------------------- TokenFlow vs VQGAN
-    def fit_eval_tokenflow(label: str, **over):
-        t = TokenFlowTokenizer(tokenflow_config("tiny", semantic_tower=args.tower, teacher_pretrained=cls_path,
-                                                **over)).to(dev)
-        params = [p for p in t.parameters() if p.requires_grad]
-        t.train()
-        t.teacher.eval()
-        secs = train_loop(label, params, lambda i: t.losses(xtr[i])[0], steps, 5e-4, n_train, batch, dev,
-                          betas=(0.9, 0.95))
-        t.eval()
-
-        def ev(s):
-            x = xva[s]
-            q = t.quantize(t.encode_latents(x))
-            rec = t.decode_latents(q.quantized)
-            sem = t.decode_semantic(q.quantized)
-            cos = F.cosine_similarity(sem.float(), t.teacher_features(x), dim=-1).mean(1)
-            mse = ((rec.clamp(-1, 1) - x) ** 2).flatten(1).mean(1)
-            return mse, cos, q.indices
-        mse, cos, idv = batched(ev, n_val)
-        p = float((10 * torch.log10(4.0 / mse.clamp_min(1e-10))).mean())
-        # linear probe features from the ids (the understanding path)
-        n_probe = min(n_train, args.probe_images)
-        tr_ids = batched(lambda s: t.encode(xtr[s]), n_probe)
-        f_tr = batched(lambda s: t.semantic_features(tr_ids[s]).mean(1), n_probe)
-        f_va = batched(lambda s: t.semantic_features(idv[s]).mean(1), n_val)
-        d_tr = batched(lambda s: t.semantic_features(tr_ids[s], level="decoded").mean(1), n_probe)
-        d_va = batched(lambda s: t.semantic_features(idv[s], level="decoded").mean(1), n_val)
-        probe_cb = linear_probe(f_tr, ytr[:n_probe], f_va, yva)
-        probe_dec = linear_probe(d_tr, ytr[:n_probe], d_va, yva)
-        with torch.no_grad():
-            save_image_grid(torch.cat([xva[:16], t.decode(idv[:16])]), out / (label.replace(" ", "_") + ".png"))
-        return [
-            {"model": label, "metric": "PSNR (dB)", "value": p, "train_s": round(secs, 1), "tokens": t.seq_len},
-            {"model": label, "metric": "teacher cosine", "value": float(cos.mean()), "tokens": t.seq_len},
-            {"model": label, "metric": "codebook usage (val tokens)", "value": idv.unique().numel() / t.vocab_size,
-             "tokens": t.seq_len},
-            {"model": label, "metric": "linear probe acc (semantic codebook features)", "value": probe_cb,
-             "tokens": t.seq_len},
-            {"model": label, "metric": "linear probe acc (semantic decoder features)", "value": probe_dec,
-             "tokens": t.seq_len},
-        ], p
-
-    tf_rows, tf_psnr = fit_eval_tokenflow("TokenFlow multi-scale", codebook_size=1024)
-    tf1_rows, tf1_psnr = fit_eval_tokenflow("TokenFlow single-scale", codebook_size=1024, scales=(8,))
-    rows += tf_rows + tf1_rows
-
-    vq = VQGAN.from_preset("tiny", codebook_size=1024).to(dev)
-    vq.train()
-
-    def vq_loss(i):
-        x = xtr[i]
-        rec, q = vq(x)
-        return F.mse_loss(rec.float(), x) + q.loss
-    secs = train_loop("VQGAN", list(vq.parameters()), vq_loss, steps, 5e-4, n_train, batch, dev, betas=(0.9, 0.95))
-    vq.eval()
-
-    def vq_ev(s):
-        x = xva[s]
-        q = vq.quantize(vq.encode_latents(x))
-        rec = vq.decode_latents(q.quantized)
-        return ((rec.clamp(-1, 1) - x) ** 2).flatten(1).mean(1), q.indices.reshape(x.shape[0], -1)
-    mse, vids = batched(vq_ev, n_val)
-    vq_psnr = float((10 * torch.log10(4.0 / mse.clamp_min(1e-10))).mean())
-    n_probe = min(n_train, args.probe_images)
-    cb = vq.codebook_embeddings()
-    tr_ids = batched(lambda s: vq.encode(xtr[s]), n_probe)
-    probe_vq = linear_probe(cb[tr_ids].mean(1), ytr[:n_probe], cb[vids].mean(1), yva)
-    with torch.no_grad():
-        save_image_grid(torch.cat([xva[:16], vq.decode(vids[:16])]), out / "VQGAN.png")
-    rows += [
-        {"model": "VQGAN (tiny, K=1024)", "metric": "PSNR (dB)", "value": vq_psnr, "train_s": round(secs, 1),
-         "tokens": vq.seq_len},
-        {"model": "VQGAN (tiny, K=1024)", "metric": "codebook usage (val tokens)",
-         "value": vids.unique().numel() / vq.vocab_size, "tokens": vq.seq_len},
-        {"model": "VQGAN (tiny, K=1024)", "metric": "linear probe acc (pixel code embeddings)", "value": probe_vq,
-         "tokens": vq.seq_len},
-        {"model": "TokenFlow multi-scale - VQGAN", "metric": "PSNR gap (dB)", "value": tf_psnr - vq_psnr},
-        {"model": "TokenFlow single-scale - VQGAN", "metric": "PSNR gap (dB, same 64 ids)", "value": tf1_psnr - vq_psnr},
-    ]
+    data = None
+    if any(p != "merge" for p in parts):
+        data = (*load_split("train", args.train_images, dev), *load_split("val", args.val_images, dev))
+    for part in parts:
+        if part == "merge":
+            continue
+        torch.manual_seed(0)
+        if part != "tower" and not Path(cls_path).is_file():
+            raise FileNotFoundError(f"tower weights {cls_path} missing: run --only tower first or pass --tower-checkpoint")
+        if part == "tower":
+            rows = part_tower(args, data, dev, work)
+        elif part == "seed":
+            xtr, _, ctr, xva, _, cva = data
+            rows, _ = run_seed(args.tower, cls_path, xtr, ctr, xva, cva, args.steps, args.batch, dev, out, work)
+        elif part == "tokenflow":
+            rows = part_tokenflow(args, data, dev, out, cls_path, codebook_size=args.codebook_size)
+            if args.single_scale:
+                rows += part_tokenflow(args, data, dev, out, cls_path, "TokenFlow single-scale",
+                                       codebook_size=args.codebook_size, scales=(8,))
+        else:
+            rows = part_vqgan(args, data, dev, out)
+        (work / f"part_{part}.json").write_text(json.dumps({"rows": rows, "argv": sys.argv[1:]}, indent=1))
+    if args.only not in ("all", "merge"):
+        print(json.dumps(rows, indent=1))
+        return 0
+    rows, commands = [], []
+    for part in ("tower", "seed", "tokenflow", "vqgan"):
+        f = work / f"part_{part}.json"
+        if f.is_file():
+            blob = json.loads(f.read_text())
+            rows += blob["rows"]
+            commands.append("benchmarks/bench_seed_tokenflow.py " + " ".join(blob["argv"]))
+    rows += summary_rows(rows)
     for r in rows:
         for k in ("train_s", "tokens"):
             r.setdefault(k, None)
+    meta = {"device": str(dev), "tower": f"{args.tower} ({cls_path})", "commands": " && ".join(commands)}
+    if dev.type == "cuda":
+        meta["gpu"] = torch.cuda.get_device_name(dev)
     from workbench.benchutil import save_table
 
     save_table("seed_tokenflow", rows, meta, root=str(out.parent))

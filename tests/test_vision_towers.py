@@ -110,3 +110,17 @@ def test_offline_named_tag_gives_clear_error(monkeypatch, name, tag):
 def test_unknown_tag_is_rejected_before_download():
     with pytest.raises(ValueError, match="no tag 'not-a-tag'"):
         build_vision_tower("open_clip:ViT-B-32", pretrained="not-a-tag")
+
+
+def test_demo_classifier_checkpoint_loads_as_tower(tmp_path):
+    """The evaluation classifier that `make demo` saves (timm ViT with a 30-way head) is a tower preset."""
+    from vision.classifier import build_vit, classifier_config, classifier_features, save_classifier
+
+    torch.manual_seed(0)
+    config = classifier_config("tiny", num_classes=30)
+    net = build_vit(config).eval()
+    save_classifier(net, config, None, tmp_path / "classifier")
+    tower = build_vision_tower("timm-vit-classifier-tiny", pretrained=str(tmp_path / "classifier" / "model.safetensors"))
+    x = _images()
+    with torch.no_grad():
+        assert torch.allclose(tower.eval()(x).pooled, classifier_features(net, x), atol=1e-6)
