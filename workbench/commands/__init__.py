@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("workbench.commands.generate", "Sample images from a trained GPT + tokenizer (CFG, top-k/p, seed): PNG grid + JSON"),
     "eval-gen": ("workbench.commands.eval_gen", "Score generated images: shapes-classifier class accuracy, Frechet distance (+ Inception FID/IS)"),
     "synth-em": ("workbench.commands.synth_em", "Write a synthetic EM volume (CREMI-layout HDF5) with exact neuron ids"),
+    "segment": ("workbench.commands.segment", "Segment an EM volume with an affinity checkpoint (sliding window + waterz), with metrics"),
 }
 
 
