@@ -104,7 +104,9 @@ def test_retrieval_top1_hand_made():
     assert r["t2i"] == pytest.approx(2 / 3)
 
 
-def _stage1_module(tmp_path):
+@pytest.fixture(scope="module")
+def stage1(tmp_path_factory):
+    """A Stage-I module after two optimizer steps, saved in the layout of a Lightning checkpoint."""
     torch.manual_seed(0)
     m = SeedModule(stage=1, overrides={"codebook_size": 64})
     opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-3)
@@ -114,13 +116,13 @@ def _stage1_module(tmp_path):
         opt.zero_grad()
         loss.backward()
         opt.step()
-    path = tmp_path / "stage1.ckpt"
-    torch.save({"state_dict": m.state_dict()}, path)  # the layout of a Lightning checkpoint
+    path = tmp_path_factory.mktemp("seed") / "stage1.ckpt"
+    torch.save({"state_dict": m.state_dict()}, path)
     return m, path
 
 
-def test_stage2_leaves_stage1_weights_untouched(tmp_path):
-    m1, path = _stage1_module(tmp_path)
+def test_stage2_leaves_stage1_weights_untouched(stage1):
+    m1, path = stage1
     m2 = SeedModule(stage=2, overrides={"codebook_size": 64}, stage1_checkpoint=str(path))
     before = {k: v.clone() for k, v in m2.tokenizer.stage1_state_dict().items()}
     assert all(torch.equal(before[k], m1.tokenizer.state_dict()[k]) for k in before)  # loaded
@@ -140,8 +142,8 @@ def test_stage2_leaves_stage1_weights_untouched(tmp_path):
     assert any(not torch.equal(other[k], now[k]) for k in other), "Stage II trained nothing"
 
 
-def test_stage1_checkpoint_of_other_config_names_keys(tmp_path):
-    _, path = _stage1_module(tmp_path)
+def test_stage1_checkpoint_of_other_config_names_keys(stage1, tmp_path):
+    _, path = stage1
     with pytest.raises(ValueError, match="shape-mismatched keys.*qformer"):
         SeedModule(stage=2, overrides={"codebook_size": 64, "width": 32}, stage1_checkpoint=str(path))
     with pytest.raises(FileNotFoundError, match="stage1_checkpoint"):
@@ -164,13 +166,16 @@ def test_bad_inputs(tok, tmp_path):
         tok.encode(_images(size=64))
     with pytest.raises(ValueError, match="one caption per image"):
         tok.itc_loss(_images(), CAPTIONS[:2])
-    m = SeedModule(stage=1, overrides={"codebook_size": 64})
-    with pytest.raises(ValueError, match="no 'caption' key"):
-        m.training_step({"image": _images()}, 0)
     with pytest.raises(FileNotFoundError, match="unclip_path"):
         SeedTokenizer(seed_config("tiny", unclip_path=str(tmp_path / "no-such-unclip")))
     with pytest.raises(ValueError, match="token ids must be in"):
         tok.decode(torch.full((1, 8), 64))
+
+
+def test_stage1_needs_captions(stage1):
+    m, _ = stage1
+    with pytest.raises(ValueError, match="no 'caption' key"):
+        m.training_step({"image": _images()}, 0)
 
 
 @pytest.mark.slow
