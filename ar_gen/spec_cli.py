@@ -97,6 +97,11 @@ class SpeculativeGenerator:
 
         c = self.target.config
         n = c.block_size if num_tokens is None else num_tokens
+        device = next(self.target.parameters()).device
+        if hasattr(self.drafter, "to"):
+            self.drafter.to(device)  # the target may have moved after build_speculative (vtw generate --device)
+        if self.table is not None and self.table.indices.device != device:
+            self.table.to(device)
         runner = RowCachedGPT(self.target)
         try:
             return speculative_generate(runner, self.drafter, labels, n, self.gamma, self.acceptance, sampling,

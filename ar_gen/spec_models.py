@@ -150,6 +150,10 @@ class GPTDraftRunner:
         self.pending_tokens: torch.Tensor | None = None  # (rows, M)
         self.pending_pos: torch.Tensor | None = None  # (rows, M)
 
+    def to(self, device: torch.device | str) -> GPTDraftRunner:
+        self.model.gpt.to(device)
+        return self
+
     def setup(self, rows: int, max_seq: int) -> None:
         self.model.setup(rows, max_seq)
 
@@ -209,6 +213,10 @@ class EagleDraftRunner:
         self.pending_hidden: torch.Tensor | None = None  # (rows, M, C) h_t
         self.pending_pos: torch.Tensor | None = None  # (rows, M) drafter index t
         self.pending_last: torch.Tensor | None = None  # (rows,) index of the last valid pending pair
+
+    def to(self, device: torch.device | str) -> EagleDraftRunner:
+        self.drafter.to(device)
+        return self
 
     def setup(self, rows: int, max_seq: int) -> None:
         c = self.drafter.config
@@ -354,6 +362,10 @@ class NGramDraftRunner:
         self.table = table
         self.buf: torch.Tensor | None = None  # (B, max_seq) generated tokens (+ scratch drafts)
         self.labels: torch.Tensor | None = None
+
+    def to(self, device: torch.device | str) -> NGramDraftRunner:
+        self.table.tables = [(k.to(device), t.to(device)) for k, t in self.table.tables]
+        return self
 
     def setup(self, rows: int, max_seq: int) -> None:
         self.max_seq = max_seq
