@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -253,3 +254,33 @@ def test_save_load_roundtrip_and_wrong_size_checkpoint_fails(tmp_path):
         load_gpt(tmp_path / "other.ckpt")
     with pytest.raises(ValueError, match="does not exist"):
         load_gpt(tmp_path / "nope.ckpt")
+
+
+@pytest.mark.skipif(not os.environ.get("VTW_LLAMAGEN_PATH"), reason="set VTW_LLAMAGEN_PATH to a LlamaGen checkout")
+def test_llamagen_state_dict_loads_with_identical_logits_and_greedy_tokens(tmp_path):
+    """Parity with FoundationVision/LlamaGen's own code (not shipped; imported from VTW_LLAMAGEN_PATH)."""
+    import sys
+
+    sys.path.insert(0, os.environ["VTW_LLAMAGEN_PATH"])
+    from autoregressive.models.generate import generate as lg_generate
+    from autoregressive.models.gpt import ModelArgs, Transformer
+
+    torch.manual_seed(0)
+    lg = Transformer(ModelArgs(dim=64, n_layer=3, n_head=4, vocab_size=50, block_size=16, num_classes=10)).eval()
+    torch.nn.init.normal_(lg.output.weight, std=0.3)
+    torch.save({"model": lg.state_dict()}, tmp_path / "c2i_tiny.pt")
+    ours = load_llamagen_checkpoint(tmp_path / "c2i_tiny.pt", "GPT-test", dim=64, n_layer=3, n_head=4, vocab_size=50,
+                                    block_size=16, num_classes=10, multiple_of=256)
+    x, y = torch.randint(0, 50, (3, 15)), torch.tensor([1, 4, 10])
+    lg.train()  # LlamaGen's only full-sequence path; switch every dropout off
+    lg.cls_embedding.dropout_prob = 0.0
+    for m in lg.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    with torch.no_grad():
+        assert torch.equal(lg(x, y)[0], ours(x, y).logits)
+    lg.eval()
+    with torch.no_grad():
+        ref = lg_generate(lg, torch.tensor([1, 4]), 16, cfg_scale=2.0, cfg_interval=-1, temperature=1.0, top_k=1,
+                          top_p=1.0, sample_logits=True)
+    assert torch.equal(ref.long(), generate(ours, torch.tensor([1, 4]), SamplingConfig(cfg_scale=2.0, greedy=True)))

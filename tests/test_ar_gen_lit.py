@@ -131,6 +131,7 @@ def test_generate_rejects_bad_input_before_work(tiny_setup, tmp_path, capsys):
     assert not (tmp_path / "o" / "generate.json").exists()
 
 
+@pytest.mark.slow
 def test_caption_conditioned_module_trains_on_captions():
     torch.manual_seed(0)
     module = GPTModule(preset="GPT-test", vocab_size=16, block_size=4, model_type="t2i", text_tower="clip-tiny-32",
