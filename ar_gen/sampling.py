@@ -7,7 +7,7 @@ Rules (fact sheet ``shared/methods/ar_gen.md`` 1(b) LlamaGen, 2(b) ELM):
   ``logits = uncond + s_t * (cond - uncond)``. Both streams are fed the same sampled token. With
   ``cfg_scale == 1`` and a constant schedule the batch is not doubled at all (LlamaGen).
 * **Schedules** for step ``t = 0 .. N-1`` (token index), maximum scale ``s``, ``r = (t+1)/N``:
-  ``constant``: s; ``interval`` (LlamaGen ``--cfg-interval k``): s while ``t == 0`` or ``t-1 <= k``, then 1
+  ``constant``: s; ``interval`` (LlamaGen ``--cfg-interval k``, on when k > -1): s while ``t == 0`` or ``t-1 <= k``, then 1
   (cond logits only; the batch stays doubled, as in LlamaGen); ``linear`` (ELM): ``1 + (s-1) r``;
   ``cos`` (ELM): ``1 + (s-1) sin(pi r / 2)``.
 * **Order** (LlamaGen's ``sample``): CFG -> ``/ max(temperature, 1e-5)`` -> top-k -> top-p -> softmax ->
@@ -83,7 +83,7 @@ def cfg_scale_at(step: int, num_steps: int, cfg: SamplingConfig) -> float:
     if cfg.cfg_schedule == "constant":
         return s
     if cfg.cfg_schedule == "interval":
-        if cfg.cfg_interval < 0 or step == 0 or (step - 1) <= cfg.cfg_interval:
+        if cfg.cfg_interval <= -1 or step == 0 or (step - 1) <= cfg.cfg_interval:  # LlamaGen: "> -1" enables it
             return s
         return 1.0
     r = (step + 1) / num_steps
