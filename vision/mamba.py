@@ -211,15 +211,19 @@ def _scan_blocked(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, Bm: tor
         Bm, Cm = F.pad(Bm, (0, 0, 0, 0, 0, pad)), F.pad(Cm, (0, 0, 0, 0, 0, pad))
     dA = torch.exp(delta.unsqueeze(-1) * A).view(nc, T, batch, dim, n)  # (nc, T, B, D, N)
     dBu = ((delta * u).unsqueeze(-1) * Bm.unsqueeze(2)).view(nc, T, batch, dim, n)
-    hs, decay = [dBu[:, 0]], [dA[:, 0]]
+    # unbind (not indexing in the loop): its backward is one stack, where T selects would each
+    # scatter into a full-size zero tensor
+    dAs, dBus = dA.unbind(1), dBu.unbind(1)
+    hs, decay = [dBus[0]], [dAs[0]]
     for t in range(1, T):  # intra-block recurrence from a zero state, all blocks at once
-        hs.append(torch.addcmul(dBu[:, t], dA[:, t], hs[-1]))
-        decay.append(decay[-1] * dA[:, t])
+        hs.append(torch.addcmul(dBus[t], dAs[t], hs[-1]))
+        decay.append(decay[-1] * dAs[t])
     H = torch.stack(hs, 1)  # (nc, T, B, D, N)
     P = torch.stack(decay, 1)  # cumulative decay within each block
+    h_last, p_last = hs[-1].unbind(0), decay[-1].unbind(0)  # (B, D, N) per block
     carries = [H.new_zeros(batch, dim, n)]
     for c in range(nc - 1):  # state entering block c+1
-        carries.append(torch.addcmul(H[c, -1], P[c, -1], carries[-1]))
+        carries.append(torch.addcmul(h_last[c], p_last[c], carries[-1]))
     H = torch.addcmul(H, P, torch.stack(carries).unsqueeze(1))
     y = torch.einsum("ctbdn,ctbn->ctbd", H, Cm.view(nc, T, batch, n)).reshape(nc * T, batch, dim)
     return y[:length]
