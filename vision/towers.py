@@ -67,8 +67,7 @@ TOWER_PRESETS: dict[str, dict[str, Any]] = {
                               kwargs=dict(img_size=32, patch_size=4, embed_dim=128, depth=4, num_heads=4)),
     # the workbench's evaluation classifier (vision.classifier preset "tiny"): point pretrained= at its
     # model.safetensors to use the trained classifier as a frozen tower / teacher
-    "timm-vit-classifier-tiny": dict(library="timm", model_name="vit_tiny_patch16_224",
-                                     kwargs=dict(img_size=32, patch_size=4, embed_dim=192, depth=6, num_heads=3)),
+    "timm-vit-classifier-tiny": dict(library="classifier", model_name="tiny", kwargs={}),
     "clip-tiny-32": dict(library="open_clip", model_name="wb-clip-tiny-32", kwargs={}),
     "clip-small-32": dict(library="open_clip", model_name="wb-clip-small-32", kwargs={}),
     # GPU / paper scale (weights by tag or local path)
@@ -280,9 +279,11 @@ class TimmVisionTower(VisionTower):
 
     def __init__(self, model: nn.Module, name: str) -> None:
         cfg = getattr(model, "pretrained_cfg", {}) or {}
-        patch = model.patch_embed.patch_size
-        img = model.patch_embed.img_size
-        super().__init__(model, name=name, image_size=img[0], patch_size=patch[0], width=model.embed_dim,
+        pe = model.patch_embed
+        img = pe.img_size if isinstance(pe.img_size, (tuple, list)) else (pe.img_size, pe.img_size)
+        grid = getattr(pe, "grid_size", None)  # hybrid (conv-stem) embeddings report patch_size 1
+        patch = img[0] // grid[0] if grid else pe.patch_size[0]
+        super().__init__(model, name=name, image_size=img[0], patch_size=patch, width=model.embed_dim,
                          embed_dim=model.num_features, mean=cfg.get("mean", (0.5, 0.5, 0.5)),
                          std=cfg.get("std", (0.5, 0.5, 0.5)))
 
@@ -462,7 +463,7 @@ def resolve_tower_spec(name: str) -> tuple[str, str, dict[str, Any]]:
         return p["library"], p["model_name"], dict(p["kwargs"])
     if ":" in name:
         library, model_name = name.split(":", 1)
-        if library in ("timm", "open_clip"):
+        if library in ("timm", "open_clip", "classifier"):
             return library, model_name, {}
     raise ValueError(f"unknown vision tower {name!r}: use a preset {sorted(TOWER_PRESETS)}, "
                      f"'timm:<model name>' or 'open_clip:<model name>'")
@@ -474,7 +475,25 @@ def build_vision_tower(name: str, pretrained: Any = None, **kwargs: Any) -> Visi
     kwargs = {**preset_kwargs, **kwargs}
     if library == "timm":
         return build_timm_tower(model_name, pretrained, **kwargs)
+    if library == "classifier":
+        return build_classifier_tower(model_name, pretrained, **kwargs)
     return build_open_clip_vision_tower(model_name, pretrained, **kwargs)
+
+
+def build_classifier_tower(preset: str = "tiny", pretrained: Any = None, **overrides: Any) -> TimmVisionTower:
+    """The workbench's evaluation classifier ViT (``vision.classifier``, a timm ViT) as a feature tower;
+    ``pretrained`` may be its ``model.safetensors`` (the 30-way head is dropped)."""
+    from vision.classifier import build_vit, classifier_config
+
+    path, tag = _split_pretrained(pretrained)
+    if tag is not None:
+        raise ValueError(f"pretrained={tag!r}: the classifier tower takes a local checkpoint path or None")
+    tower = TimmVisionTower(build_vit(classifier_config(preset, num_classes=0, **overrides)), name=f"classifier-{preset}")
+    if path is not None:
+        state = read_state_dict(path)
+        state = {k: v for k, v in state.items() if not k.startswith("head.")}
+        tower.load_tower_state(state, source=str(path))
+    return tower
 
 
 def build_text_tower(name: str, pretrained: Any = None, **kwargs: Any) -> OpenClipTextTower:
