@@ -36,7 +36,7 @@ def test_wrong_architecture_names_the_keys(tmp_path):
     meta["config"]["depth"] = 2
     meta["config"]["num_classes"] = 7
     (tmp_path / "clf/config.json").write_text(json.dumps(meta))
-    with pytest.raises(ValueError, match=r"missing keys: blocks\.1\..*shape mismatch: .*head\.weight \(5, 32\) vs \(7, 32\)"):
+    with pytest.raises(ValueError, match=r"missing keys \(12\): blocks\.1\..*shape-mismatched keys \(2\): .*head\.weight: checkpoint \(5, 32\) vs model \(7, 32\)"):
         load_classifier(tmp_path / "clf")
 
 
@@ -61,6 +61,17 @@ def test_presets_and_bad_sizes():
         classifier_config("huge")
     with pytest.raises(ValueError, match="not a multiple of patch_size"):
         build_vit(ClassifierConfig(image_size=30, patch_size=4))
+    with pytest.raises(ValueError, match="power-of-two patch_size"):
+        build_vit(ClassifierConfig(image_size=36, patch_size=6, stem="conv"))
+
+
+@pytest.mark.parametrize("stem", ["patch", "conv"])
+def test_stems_give_the_same_token_grid(stem):
+    config = classifier_config("tiny", image_size=32, stem=stem, **TINY)
+    net = build_vit(config).eval()
+    tokens = net.forward_features(torch.rand(2, 3, 32, 32) * 2 - 1)
+    assert tokens.shape == (2, 1 + 8 * 8, 32)  # CLS + an 8x8 grid for patch 4 at 32 px
+    assert net.patch_embed.num_patches == 64
 
 
 def test_warmup_cosine_schedule_shape():
