@@ -176,7 +176,7 @@ def run_arms(target: nn.Module, drafter_runner: Any, arms: list[Arm], labels: to
     """Generate ``labels`` with every arm (same chunks of ``batch_size``, same seeds per chunk).
 
     Wall-clock: per arm, the median over ``repeats`` of the total time for all chunks (after one warm-up
-    chunk per arm). Returns table rows (speed-up relative to the first arm, which should be "plain") and
+    chunk per arm); arms are interleaved chunk by chunk so that load changes of a shared machine hit all. Returns table rows (speed-up relative to the first arm, which should be "plain") and
     the tokens of the last repeat per arm.
     """
     import statistics
@@ -192,28 +192,33 @@ def run_arms(target: nn.Module, drafter_runner: Any, arms: list[Arm], labels: to
     chunks = [labels[i:i + batch_size] for i in range(0, labels.shape[0], batch_size)]
     bar = tqdm(total=len(arms) * repeats * len(chunks), desc=f"decoding arms (batch {batch_size})",
                disable=not progress)
-    for arm in arms:
-        spec = None
-        if arm.mode != "plain":
-            spec = make_generator(target, arm.drafter or drafter_runner, arm.mode, arm.gamma or gamma, arm.lantern_k,
-                                  arm.lantern_delta, codebook, cache_dir)
-        if warmup:
-            _one_chunk(target, spec, chunks[0], sampling, seed, generate)
-        times, outs, agg = [], [], {"target_forwards": 0, "tau_num": 0.0, "tau_den": 0, "mass": 0.0}
-        for _ in range(repeats):
-            outs, agg = [], {"target_forwards": 0, "tau_num": 0.0, "tau_den": 0, "mass": 0.0}
-            start = time.perf_counter()
-            for i, chunk in enumerate(chunks):
-                toks, stats = _one_chunk(target, spec, chunk, sampling, seed + i, generate)
-                outs.append(toks)
-                agg["target_forwards"] += stats["target_forwards"]
-                agg["tau_num"] += stats["mean_accepted_length"] * stats["iterations"]
-                agg["tau_den"] += stats["iterations"]
-                agg["mass"] += stats["relaxed_mass_per_image"] * chunk.shape[0]
+    specs = {arm.name: None if arm.mode == "plain" else make_generator(
+        target, arm.drafter or drafter_runner, arm.mode, arm.gamma or gamma, arm.lantern_k, arm.lantern_delta,
+        codebook, cache_dir) for arm in arms}
+    if warmup:
+        for arm in arms:
+            _one_chunk(target, specs[arm.name], chunks[0], sampling, seed, generate)
+    times = {arm.name: [0.0] * repeats for arm in arms}
+    outs: dict[str, list[torch.Tensor]] = {arm.name: [] for arm in arms}
+    aggs = {arm.name: {"target_forwards": 0, "tau_num": 0.0, "tau_den": 0, "mass": 0.0} for arm in arms}
+    for rep in range(repeats):
+        for i, chunk in enumerate(chunks):
+            for arm in arms:  # interleaved, so that a change of machine load hits every arm alike
+                start = time.perf_counter()
+                toks, stats = _one_chunk(target, specs[arm.name], chunk, sampling, seed + i, generate)
+                times[arm.name][rep] += time.perf_counter() - start
                 bar.update(1)
-            times.append(time.perf_counter() - start)
-        tokens[arm.name] = torch.cat(outs)
-        wall = statistics.median(times)
+                if rep == repeats - 1:
+                    agg = aggs[arm.name]
+                    outs[arm.name].append(toks)
+                    agg["target_forwards"] += stats["target_forwards"]
+                    agg["tau_num"] += stats["mean_accepted_length"] * stats["iterations"]
+                    agg["tau_den"] += stats["iterations"]
+                    agg["mass"] += stats["relaxed_mass_per_image"] * chunk.shape[0]
+    for arm in arms:
+        agg = aggs[arm.name]
+        tokens[arm.name] = torch.cat(outs[arm.name])
+        wall = statistics.median(times[arm.name])
         rows.append({
             "arm": arm.name,
             "batch": batch_size,
