@@ -31,5 +31,8 @@ class StageResult:
 
 # Order of the stages; a stage whose module is missing is reported, not silently skipped.
 STAGES: list[str] = [
-    "workbench.demo_stages.classifier",
+    "workbench.demo_stages.classifier",  # evaluation classifier (tiny ViT)
+    "workbench.demo_stages.vqgan",  # tiny VQGAN + token shards
+    "workbench.demo_stages.gpt",  # tiny class-conditional GPT, sample grid, class accuracy + Frechet distance
+    "workbench.demo_stages.speculative",  # drafter + plain vs LANTERN side by side
 ]
