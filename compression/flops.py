@@ -34,6 +34,17 @@ def vit_block_flops(n_in: int, n_out: int, width: int, mlp_hidden: int) -> int:
     return attn + 2 * 2 * n_out * width * mlp_hidden
 
 
+def conv_stem_flops(backbone: torch.nn.Module, img_size: tuple[int, int]) -> int:
+    """Analytic FLOPs of the ``Conv2d`` layers of a sequential conv stem (2 * H_out * W_out * C_out * C_in/g * kh * kw)."""
+    h, w = img_size
+    total = 0
+    for conv in (m for m in backbone.modules() if isinstance(m, torch.nn.Conv2d)):
+        (kh, kw), (sh, sw), (ph, pw) = conv.kernel_size, conv.stride, conv.padding
+        h, w = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
+        total += 2 * h * w * conv.out_channels * (conv.in_channels // conv.groups) * kh * kw
+    return total
+
+
 def timm_vit_flops(model: torch.nn.Module, tokens_in: list[int] | None = None,
                    tokens_out: list[int] | None = None) -> int:
     """Analytic FLOPs for one image through a timm ``VisionTransformer`` (merge overhead excluded)."""
@@ -47,6 +58,9 @@ def timm_vit_flops(model: torch.nn.Module, tokens_in: list[int] | None = None,
     p = model.patch_embed.proj.kernel_size
     in_ch = model.patch_embed.proj.in_channels
     total = 2 * n_patch * in_ch * p[0] * p[1] * C
+    backbone = getattr(model.patch_embed, "backbone", None)  # hybrid ViT: a conv stem before the projection
+    if backbone is not None:
+        total += conv_stem_flops(backbone, model.patch_embed.img_size)
     for blk, a, b in zip(model.blocks, tokens_in, tokens_out):
         total += vit_block_flops(a, b, C, blk.mlp.fc1.out_features)
     if getattr(model.head, "out_features", None):

@@ -46,12 +46,14 @@ class ClassifierConfig:
     # small shapes data a plain-patch ViT learns colour at once but shape only very slowly; the conv
     # stem fixes that at the same token count, and the blocks stay timm's (token merging is unchanged).
     stem: str = "patch"
-    stem_width: int = 64
+    stem_width: int = 128  # channels of the conv stem at the token resolution
+    global_pool: str = "token"  # "token" (CLS) or "avg" (mean of patch tokens, translation-invariant)
 
 
 # Named size presets; a YAML recipe picks one by name and may override single fields.
 CLASSIFIER_PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": dict(patch_size=4, embed_dim=192, depth=6, num_heads=3, stem="conv"),  # ~2.8M params, CPU demo
+    # CPU demo: a conv stem to an 8x8 token grid, 4 blocks of width 128, mean-pooled tokens (~1.1M params)
+    "tiny": dict(patch_size=4, embed_dim=128, depth=4, num_heads=4, stem="conv", global_pool="avg"),
     "small": dict(patch_size=4, embed_dim=384, depth=12, num_heads=6),  # ViT-S shape, ~21M params
     "base": dict(patch_size=16, embed_dim=768, depth=12, num_heads=12),  # ViT-B/16 for 224px data
 }
@@ -70,11 +72,16 @@ def _conv_stem_embed(stem_width: int):
     from timm.layers import HybridEmbed
 
     def make(img_size: int, patch_size: int, in_chans: int, embed_dim: int, bias: bool = True, **kwargs: Any):
-        layers: list[nn.Module] = [nn.Conv2d(in_chans, stem_width // 2, 3, padding=1), nn.BatchNorm2d(stem_width // 2), nn.GELU()]
-        width, stride = stem_width // 2, 1
-        while stride < patch_size:
-            layers += [nn.Conv2d(width, stem_width, 3, stride=2, padding=1), nn.BatchNorm2d(stem_width), nn.GELU()]
-            width, stride = stem_width, stride * 2
+        def conv(c_in: int, c_out: int, stride: int = 1) -> list[nn.Module]:
+            return [nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.GELU()]
+
+        levels = max(patch_size.bit_length() - 1, 0)  # number of stride-2 stages: log2(patch_size)
+        width = max(stem_width >> levels, 16)
+        layers: list[nn.Module] = conv(in_chans, width)
+        for level in range(levels):  # each stage halves the resolution, then refines at that resolution
+            out = stem_width >> (levels - level - 1)
+            layers += conv(width, out, stride=2) + conv(out, out)
+            width = out
         backbone = nn.Sequential(*layers)  # (B, 3, H, W) -> (B, stem_width, H/patch, W/patch)
         backbone.num_features = width  # what HybridEmbed reads when feature_size is given
         return HybridEmbed(backbone, img_size=img_size, patch_size=1, feature_size=img_size // patch_size,
@@ -105,7 +112,7 @@ def build_vit(config: ClassifierConfig) -> nn.Module:
         mlp_ratio=config.mlp_ratio,
         drop_path_rate=config.drop_path_rate,
         class_token=True,
-        global_pool="token",
+        global_pool=config.global_pool,
         **extra,
     )
 
