@@ -19,8 +19,10 @@ $(STAMP): pyproject.toml
 demo: venv
 	$(VENV)/bin/vtw demo --out runs/demo
 
+# One intra-op thread per test process: the suite runs several processes at once (DDP test, data
+# workers) and oversubscribed cores make torch's thread pools spin; override with OMP_NUM_THREADS=N.
 test: venv
-	$(PY) -m pytest -q -ra --durations=15
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -q -ra --durations=15
 
 bench: venv
 	@set -e; for f in benchmarks/bench_*.py; do echo "== $$f"; $(PY) $$f; done
