@@ -158,7 +158,7 @@ def save_eagle(model: EagleDrafter, directory: str | os.PathLike, extra: dict[st
 
 def load_eagle(path: str | os.PathLike, map_location: str = "cpu") -> tuple[EagleDrafter, dict[str, Any]]:
     """Load from a ``save_eagle`` directory or a Lightning ``.ckpt`` of ``EagleDrafterModule`` -> (eval model, meta)."""
-    from tokenizers_img.base import load_state_dict_strict
+    from vision.towers import load_state_dict_checked
 
     p = Path(path)
     if p.is_dir():
@@ -185,5 +185,5 @@ def load_eagle(path: str | os.PathLike, map_location: str = "cpu") -> tuple[Eagl
     else:
         raise ValueError(f"drafter checkpoint {p} does not exist")
     model = EagleDrafter(EagleConfig(**meta["config"]))
-    load_state_dict_strict(model, state, str(p))
+    load_state_dict_checked(model, state, str(p))
     return model.eval(), meta

@@ -66,6 +66,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vision.layers import KVCache, RMSNorm, TransformerBlock, find_multiple, precompute_freqs_cis_2d
+from vision.towers import load_state_dict_checked
 
 __all__ = [
     "GPT",
@@ -439,19 +440,7 @@ def _clean_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
 
 
 def _load_strict(model: GPT, state: dict[str, torch.Tensor], source: str) -> None:
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    mismatched = sorted(f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-                        for k in set(own) & set(state) if tuple(state[k].shape) != tuple(own[k].shape))
-    if missing or unexpected or mismatched:
-        def show(keys: list[str]) -> str:
-            return ", ".join(keys[:8]) + (f", ... ({len(keys)} in all)" if len(keys) > 8 else "")
-
-        parts = [f"{name}: {show(keys)}" for name, keys in
-                 (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatch", mismatched)) if keys]
-        raise ValueError(f"{source} does not match GPT({_describe(model.config)}): " + "; ".join(parts))
-    model.load_state_dict(state, strict=True)
+    load_state_dict_checked(model, state, source, what=f"GPT({_describe(model.config)})")
 
 
 def _describe(c: GPTConfig) -> str:

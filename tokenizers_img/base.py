@@ -37,6 +37,8 @@ import torch
 from huggingface_hub import PyTorchModelHubMixin
 from torch import Tensor, nn
 
+from vision.towers import load_state_dict_checked
+
 __all__ = ["ImageTokenizer", "QuantizerOutput", "load_state_dict_strict", "load_tokenizer"]
 
 # Images may overshoot [-1, 1] a little after resizing / interpolation; beyond this is a bug upstream
@@ -92,34 +94,9 @@ def config_from_dict(config_cls: type, data: Any, owner: str) -> Any:
 
 
 def load_state_dict_strict(model: nn.Module, state_dict: dict[str, Tensor], source: str = "checkpoint") -> None:
-    """Load ``state_dict`` into ``model`` and fail with a message naming every bad key.
-
-    Raises ``ValueError`` if keys are missing, unexpected, or have a different shape.
-    """
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(own))
-    mismatched = sorted(
-        f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in set(own) & set(state_dict)
-        if tuple(own[k].shape) != tuple(state_dict[k].shape)
-    )
-    if missing or unexpected or mismatched:
-
-        def show(keys: list[str]) -> str:
-            return ", ".join(keys[:12]) + (f", ... ({len(keys)} in all)" if len(keys) > 12 else "")
-
-        parts = []
-        if missing:
-            parts.append(f"missing keys: {show(missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys: {show(unexpected)}")
-        if mismatched:
-            parts.append(f"shape mismatch: {show(mismatched)}")
-        raise ValueError(
-            f"{source} does not match {type(model).__name__} (wrong architecture or config?); " + "; ".join(parts)
-        )
-    model.load_state_dict(state_dict, strict=True)
+    """Load ``state_dict`` into ``model``; a ``ValueError`` (:class:`vision.towers.CheckpointMismatchError`)
+    names every missing, unexpected and shape-mismatched key (see :func:`vision.towers.check_state_dict`)."""
+    load_state_dict_checked(model, state_dict, source, what=f"{type(model).__name__} (wrong architecture or config?)")
 
 
 class ImageTokenizer(nn.Module, PyTorchModelHubMixin, library_name="vision-token-workbench"):

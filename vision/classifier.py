@@ -52,8 +52,11 @@ class ClassifierConfig:
 
 # Named size presets; a YAML recipe picks one by name and may override single fields.
 CLASSIFIER_PRESETS: dict[str, dict[str, Any]] = {
-    # CPU demo: a conv stem to an 8x8 token grid, 4 blocks of width 128, mean-pooled tokens (~1.1M params)
-    "tiny": dict(patch_size=4, embed_dim=128, depth=4, num_heads=4, stem="conv", global_pool="avg"),
+    # CPU demo: a conv stem (width 192) to an 8x8 token grid, 2 blocks of width 128, mean-pooled tokens.
+    # Measured on 2 CPU cores, 120 s of bf16 training each: depth 4 / stem 128 reached 64% validation
+    # accuracy (393 steps), depth 2 / stem 192 98% (478 steps): on these data the shallow hybrid learns
+    # shape far sooner per second, and the stem carries most of it.
+    "tiny": dict(patch_size=4, embed_dim=128, depth=2, num_heads=4, stem="conv", stem_width=192, global_pool="avg"),
     "small": dict(patch_size=4, embed_dim=384, depth=12, num_heads=6),  # ViT-S shape, ~21M params
     "base": dict(patch_size=16, embed_dim=768, depth=12, num_heads=12),  # ViT-B/16 for 224px data
 }
@@ -135,6 +138,7 @@ class ImageClassifier(pl.LightningModule):
         embed_dim: int | None = None,
         depth: int | None = None,
         num_heads: int | None = None,
+        stem_width: int | None = None,
         lr: float = 1e-3,
         weight_decay: float = 0.05,
         warmup_steps: int = 100,
@@ -145,7 +149,8 @@ class ImageClassifier(pl.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.config = classifier_config(preset, num_classes=num_classes, image_size=image_size,
-                                        patch_size=patch_size, embed_dim=embed_dim, depth=depth, num_heads=num_heads)
+                                        patch_size=patch_size, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
+                                        stem_width=stem_width)
         self.net = build_vit(self.config)
         self.class_names = class_names
         self._fit_started: float | None = None
