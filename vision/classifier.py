@@ -52,11 +52,12 @@ class ClassifierConfig:
 
 # Named size presets; a YAML recipe picks one by name and may override single fields.
 CLASSIFIER_PRESETS: dict[str, dict[str, Any]] = {
-    # CPU demo: a conv stem (width 192) to an 8x8 token grid, 2 blocks of width 128, mean-pooled tokens.
-    # Measured on 2 CPU cores, 120 s of bf16 training each: depth 4 / stem 128 reached 64% validation
-    # accuracy (393 steps), depth 2 / stem 192 98% (478 steps): on these data the shallow hybrid learns
-    # shape far sooner per second, and the stem carries most of it.
-    "tiny": dict(patch_size=4, embed_dim=128, depth=2, num_heads=4, stem="conv", stem_width=192, global_pool="avg"),
+    # CPU demo: a conv stem to an 8x8 token grid, then one pre-norm block of width 128, mean-pooled tokens.
+    # Measured with the demo recipe on 2 CPU cores (120 s of bf16 training): this preset reached 100%
+    # validation accuracy with seeds 0 and 1 (~1130 steps); 4 blocks reached 64% and 2 blocks 80-98%
+    # depending on the seed in the same time: on these data the conv stem carries the shape features and
+    # every further block mostly costs steps.
+    "tiny": dict(patch_size=4, embed_dim=128, depth=1, num_heads=4, stem="conv", stem_width=128, global_pool="avg"),
     "small": dict(patch_size=4, embed_dim=384, depth=12, num_heads=6),  # ViT-S shape, ~21M params
     "base": dict(patch_size=16, embed_dim=768, depth=12, num_heads=12),  # ViT-B/16 for 224px data
 }
