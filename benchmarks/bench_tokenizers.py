@@ -85,7 +85,7 @@ def main() -> int:
     rows = []
     images = shapes_val(n_val)
     for name, kind, path, target_usage in (("tiny VQGAN (K=512, 8x8)", "vqgan", vqgan_dir, 0.8),
-                                           ("tiny BAE (16 bits, 2-8, 8x8)", "bae", bae_dir, None)):
+                                           ("tiny BAE (16 bits, 2-8, 8x8, thresholded bits)", "bae", bae_dir, None)):
         tok, info = get_trained(kind, path, args)
         m = evaluate_reconstruction(tok, images)
         ok = m["psnr"] >= 26 and (target_usage is None or m["usage"] >= target_usage)
