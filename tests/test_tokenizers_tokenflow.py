@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import check_gpt_generates_decodable_tokens
 
 from tokenizers_img.tokenflow import (
     TokenFlowModule,
@@ -159,15 +160,4 @@ def test_lightning_fit_logs_and_gan_step(tmp_path):
 
 def test_generate_with_ar_gpt(tok):
     """The AR generator works unchanged: GPT over (1, seq_len) positions, sampled ids decode to images."""
-    gpt_mod = pytest.importorskip("ar_gen.gpt")
-    from ar_gen.sampling import SamplingConfig, generate
-
-    h, w = tok.token_grid
-    torch.manual_seed(0)
-    model = gpt_mod.GPT(gpt_mod.gpt_config("GPT-test", vocab_size=tok.vocab_size, block_size=tok.seq_len,
-                                           grid_h=h, grid_w=w, num_classes=30)).eval()
-    ids = generate(model, torch.tensor([0, 7]), SamplingConfig(top_k=50), generator=torch.Generator().manual_seed(0))
-    assert ids.shape == (2, tok.seq_len) and int(ids.max()) < tok.vocab_size
-    with torch.no_grad():
-        images = tok.decode(ids)
-    assert images.shape == (2, 3, 32, 32) and torch.isfinite(images).all()
+    check_gpt_generates_decodable_tokens(tok, top_k=50)

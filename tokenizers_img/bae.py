@@ -22,19 +22,19 @@ bits are thresholded (reproducible tokens), Bernoulli sampling in ``train()`` as
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
 
-from tokenizers_img.base import ImageTokenizer, QuantizerOutput, config_from_dict
+from tokenizers_img.base import QuantizerOutput, config_from_dict
 from tokenizers_img.quantizers import (
     BinaryQuantizer,
     bits_to_subtokens,
     subtoken_bit_table,
     subtokens_to_bits,
 )
-from tokenizers_img.vqgan import Decoder, Encoder, _group_norm
+from tokenizers_img.vqgan import ConvAutoencoderTokenizer, Decoder, Encoder, _group_norm
 
 __all__ = ["BAEConfig", "BinaryAutoencoder", "BAE_PRESETS", "BAE_SPLITS"]
 
@@ -90,7 +90,7 @@ BAE_PRESETS: dict[str, BAEConfig] = {
 }
 
 
-class BinaryAutoencoder(ImageTokenizer):
+class BinaryAutoencoder(ConvAutoencoderTokenizer):
     """ELM BAE. ``BinaryAutoencoder.from_preset("tiny", split="2-8")``."""
 
     def __init__(self, config: BAEConfig) -> None:
@@ -116,9 +116,6 @@ class BinaryAutoencoder(ImageTokenizer):
             overrides["token_each"], overrides["code_dim"] = BAE_SPLITS[split]
         return cls(replace(BAE_PRESETS[name], **overrides))
 
-    def config_dict(self) -> dict:
-        return asdict(self.config)
-
     # ------------------------------------------------------------- interface properties
     @property
     def vocab_size(self) -> int:
@@ -128,22 +125,6 @@ class BinaryAutoencoder(ImageTokenizer):
     def token_each(self) -> int:
         return self.config.token_each
 
-    @property
-    def downsample(self) -> int:
-        return self.config.downsample
-
-    @property
-    def image_size(self) -> int:
-        return self.config.image_size
-
-    @property
-    def token_grid(self) -> tuple[int, int]:
-        g = self.config.image_size // self.downsample
-        return (g, g)
-
-    @property
-    def last_layer(self) -> Tensor:
-        return self.decoder.last_layer
 
     # ------------------------------------------------------------- pipeline
     def encode_latents(self, images: Tensor) -> Tensor:

@@ -240,7 +240,33 @@ class Decoder(nn.Module):
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
-class VQGAN(ImageTokenizer):
+class ConvAutoencoderTokenizer(ImageTokenizer):
+    """Shared by the convolutional tokenizers (VQGAN, BAE): ``self.config`` has ``image_size`` and
+    ``downsample``, ``self.decoder`` is a :class:`Decoder`; one token per ``downsample`` x ``downsample``
+    pixel cell, raster order."""
+
+    def config_dict(self) -> dict:
+        return asdict(self.config)
+
+    @property
+    def downsample(self) -> int:
+        return self.config.downsample
+
+    @property
+    def image_size(self) -> int:
+        return self.config.image_size
+
+    @property
+    def token_grid(self) -> tuple[int, int]:
+        g = self.config.image_size // self.downsample
+        return (g, g)
+
+    @property
+    def last_layer(self) -> Tensor:
+        return self.decoder.last_layer
+
+
+class VQGAN(ConvAutoencoderTokenizer):
     """LlamaGen-style VQGAN tokenizer. ``VQGAN(VQGANConfig(...))`` or ``VQGAN.from_preset("tiny")``."""
 
     def __init__(self, config: VQGANConfig) -> None:
@@ -264,30 +290,11 @@ class VQGAN(ImageTokenizer):
             raise ValueError(f"unknown VQGAN preset {name!r}; known: {sorted(VQGAN_PRESETS)}")
         return cls(replace(VQGAN_PRESETS[name], **overrides))
 
-    def config_dict(self) -> dict:
-        return asdict(self.config)
-
     # ------------------------------------------------------------- interface properties
     @property
     def vocab_size(self) -> int:
         return self.config.codebook_size
 
-    @property
-    def downsample(self) -> int:
-        return self.config.downsample
-
-    @property
-    def image_size(self) -> int:
-        return self.config.image_size
-
-    @property
-    def token_grid(self) -> tuple[int, int]:
-        g = self.config.image_size // self.downsample
-        return (g, g)
-
-    @property
-    def last_layer(self) -> Tensor:
-        return self.decoder.last_layer
 
     # ------------------------------------------------------------- pipeline
     def encode_latents(self, images: Tensor) -> Tensor:
