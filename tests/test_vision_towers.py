@@ -124,3 +124,25 @@ def test_demo_classifier_checkpoint_loads_as_tower(tmp_path):
     x = _images()
     with torch.no_grad():
         assert torch.allclose(tower.eval()(x).pooled, classifier_features(net, x), atol=1e-6)
+
+
+def test_mismatch_message_collapses_numbered_blocks_and_keeps_single_shapes():
+    from torch import nn
+
+    from vision.towers import check_state_dict
+
+    model = nn.Sequential(*[nn.Linear(2, 2) for _ in range(20)])  # keys "0.weight", "0.bias", ... "19.bias"
+    with pytest.raises(CheckpointMismatchError) as err:
+        check_state_dict(model, {}, "empty.pt")
+    msg = str(err.value)
+    assert "missing keys (40): 0.* (2), 1.* (2)," in msg and "11.* (2) ... (+8 more)" in msg
+    assert "12.*" not in msg
+    # three shape mismatches in three blocks, limit 2: each block holds one key, which keeps its shapes
+    state = dict(model.state_dict())
+    for i in (0, 5, 9):
+        state[f"{i}.weight"] = torch.zeros(3, 2)
+    with pytest.raises(CheckpointMismatchError) as err:
+        check_state_dict(model, state, "bad.pt", limit=2)
+    msg = str(err.value)
+    assert "shape-mismatched keys (3): 0.weight: checkpoint (3, 2) vs model (2, 2), 5.weight: checkpoint" in msg
+    assert msg.endswith("... (+1 more)")

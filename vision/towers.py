@@ -160,13 +160,14 @@ def check_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor], source
 
     def fmt(items: list[str]) -> str:
         if len(items) > limit:  # many keys: collapse each numbered block, e.g. "blocks.3.* (12)"
-            groups: dict[str, int] = {}
+            groups: dict[str, list[str]] = {}
             for item in items:
                 parts = item.split(":", 1)[0].split(".")
                 numbered = [i for i, part in enumerate(parts) if part.isdigit()]
                 prefix = ".".join(parts[:numbered[-1] + 1]) + ".*" if numbered else item
-                groups[prefix] = groups.get(prefix, 0) + 1
-            items = [f"{prefix} ({n})" if n > 1 else prefix for prefix, n in groups.items()]
+                groups.setdefault(prefix, []).append(item)
+            items = [f"{prefix} ({len(members)})" if len(members) > 1 else members[0]
+                     for prefix, members in groups.items()]
         more = f" ... (+{len(items) - limit} more)" if len(items) > limit else ""
         return ", ".join(items[:limit]) + more
 
