@@ -204,4 +204,10 @@ def test_finetune_from_pretraining_checkpoint_and_segment_end_to_end(tmp_path, c
         main(["segment", f"{vol}:volumes/nope", "--checkpoint", str(seg_ckpt), "--out", str(bad_out)])
     with pytest.raises(SystemExit, match="not an affinity"):
         main(["segment", str(vol), "--checkpoint", str(ckpt), "--out", str(bad_out)])
+    # an affinity checkpoint whose weights do not fit its recorded model: the bad keys are named
+    state = torch.load(seg_ckpt, map_location="cpu", weights_only=True)
+    state["state_dict"] = {k: v for k, v in state["state_dict"].items() if not k.startswith("net.decoder")}
+    torch.save(state, tmp_path / "truncated.ckpt")
+    with pytest.raises(SystemExit, match=r"missing keys \(\d+\): decoder"):
+        main(["segment", str(vol), "--checkpoint", str(tmp_path / "truncated.ckpt"), "--out", str(bad_out)])
     assert not bad_out.exists()

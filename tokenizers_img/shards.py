@@ -90,7 +90,25 @@ def load_shard(root: str | os.PathLike, entry: dict, verify: bool = True) -> dic
     return data
 
 
-class TokenShardDataset(Dataset):
+class _ShardIndexInfo:
+    """Tokenizer metadata read from a shard directory's ``index.json`` (``self.index``)."""
+
+    index: dict
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.index["tokenizer"]["vocab_size"])
+
+    @property
+    def seq_len(self) -> int:
+        return int(self.index["tokenizer"]["seq_len"])
+
+    @property
+    def token_each(self) -> int:
+        return int(self.index["tokenizer"].get("token_each", 1))
+
+
+class TokenShardDataset(_ShardIndexInfo, Dataset):
     """Items ``{"tokens": LongTensor (seq_len) or (seq_len, token_each), "label": int, "caption": str}``.
 
     Args:
@@ -128,18 +146,6 @@ class TokenShardDataset(Dataset):
             raise ValueError(f"{self.root}: tokens have shape {tuple(self.tokens.shape[1:])} per item, index implies {want}")
 
     @property
-    def vocab_size(self) -> int:
-        return int(self.index["tokenizer"]["vocab_size"])
-
-    @property
-    def seq_len(self) -> int:
-        return int(self.index["tokenizer"]["seq_len"])
-
-    @property
-    def token_each(self) -> int:
-        return int(self.index["tokenizer"].get("token_each", 1))
-
-    @property
     def token_grid(self) -> tuple[int, int]:
         return tuple(self.index["tokenizer"]["token_grid"])  # type: ignore[return-value]
 
@@ -167,7 +173,7 @@ def collate_tokens(items: list[dict]) -> dict:
             "caption": [it["caption"] for it in items]}
 
 
-class TokenShardDataModule(LightningDataModule):
+class TokenShardDataModule(_ShardIndexInfo, LightningDataModule):
     """Train/val token shards written by ``vtw tokenize`` (``<root>/train``, ``<root>/val`` by default)."""
 
     def __init__(self, root: str = "runs/tokens", batch_size: int = 64, num_workers: int = 0,
@@ -179,18 +185,6 @@ class TokenShardDataModule(LightningDataModule):
         self.datasets: dict[str, TokenShardDataset] = {}
         # cheap metadata for linking model arguments (vocab_size, seq_len) before setup()
         self.index = read_index(self.root / train_dir)
-
-    @property
-    def vocab_size(self) -> int:
-        return int(self.index["tokenizer"]["vocab_size"])
-
-    @property
-    def seq_len(self) -> int:
-        return int(self.index["tokenizer"]["seq_len"])
-
-    @property
-    def token_each(self) -> int:
-        return int(self.index["tokenizer"].get("token_each", 1))
 
     @property
     def num_classes(self) -> int | None:

@@ -87,6 +87,7 @@ def run(args: argparse.Namespace) -> int:
         segmentation_metrics,
     )
     from vision.tokenunify import SegMamba, segmamba_config
+    from vision.towers import CheckpointMismatchError, load_state_dict_checked
     from workbench.benchutil import markdown_table
 
     # ---- validate inputs before any expensive work ----
@@ -103,10 +104,10 @@ def run(args: argparse.Namespace) -> int:
     net = SegMamba(segmamba_config(hp.get("preset", "tiny"), out_chans=len(offsets), **dict(hp.get("model_overrides") or {})))
     prefix = "net."
     weights = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-    missing, unexpected = net.load_state_dict(weights, strict=False)
-    if missing or unexpected or not weights:
-        raise SystemExit(f"vtw segment: {args.checkpoint} does not match the SegMamba '{hp.get('preset')}' model: "
-                         f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+    try:
+        load_state_dict_checked(net, weights, str(args.checkpoint), what=f"the SegMamba '{hp.get('preset')}' model")
+    except CheckpointMismatchError as err:
+        raise SystemExit(f"vtw segment: {err}") from None
     if any(t <= 0 or t >= 1 for t in args.thresholds):
         raise SystemExit(f"vtw segment: thresholds must lie in (0, 1), got {args.thresholds}")
     roi = tuple(int(c) for c in hp.get("crop", (16, 80, 80)))
