@@ -75,9 +75,10 @@ _MISSING = object()
 def find_blocks(model: nn.Module) -> tuple[str, list[nn.Module], nn.Module, bool]:
     """(family, blocks, tower, has_class_token) for a supported model; ValueError otherwise."""
     name = type(model).__name__
-    if name == "LlavaForConditionalGeneration":
+    lineage = {cls.__name__ for cls in type(model).__mro__}  # subclasses (e.g. conv_clip's tower) count
+    if "LlavaForConditionalGeneration" in lineage:
         return find_blocks(model.model.vision_tower)
-    if name in ("CLIPVisionModel", "CLIPVisionTransformer"):
+    if lineage & {"CLIPVisionModel", "CLIPVisionTransformer"}:
         if hasattr(model, "vision_model"):  # transformers 4.x nesting
             return find_blocks(model.vision_model)
         return "hf_clip", list(model.encoder.layers), model, True

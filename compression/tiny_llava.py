@@ -19,6 +19,10 @@ The layout [prefix | vision | question + "ASSISTANT:"] is LLaVA-1.5's (system/pr
 then the user text); the answer is the greedy next token after "ASSISTANT:". A real LLaVA-1.5
 directory loads with :func:`load_llava` (same runner, its own processor/tokenizer).
 
+The tower is CLIP's encoder with a 3x3 convolutional stem (``compression.conv_clip``) and is trained
+first, alone, on the shape attributes (the stand-in for LLaVA's pretrained CLIP), then frozen while the
+projector and the LM learn the answers (see :class:`TinyLlavaModule`).
+
 Recipe: ``vtw fit --config configs/llava_tiny_shapes.yaml`` (LightningCLI) or, without
 jsonargparse, ``python -m compression.tiny_llava --config configs/llava_tiny_shapes.yaml``; both
 write a ``save_pretrained`` directory (``runs/llava_tiny/model``) with ``vocab.json``.
@@ -108,9 +112,12 @@ def _atomic_write(path: Path, text: str) -> None:
 class TinyLlavaConfig:
     image_size: int = 36
     patch_size: int = 4  # 36/4 = 9x9 = 81 patches: MustDrop's 3x3 windows tile the grid exactly
-    vision_hidden: int = 64
-    vision_layers: int = 4
+    vision_hidden: int = 128
+    vision_layers: int = 2  # feature layer -2 = the output of the first layer (LLaVA-1.5's choice, scaled)
     vision_heads: int = 4
+    # "conv": compression.conv_clip's 3x3 conv stem (same token grid); "patch": CLIP's linear p x p embedding
+    stem: str = "conv"
+    stem_width: int = 128
     text_hidden: int = 96
     text_layers: int = 16  # >= 15 so MustDrop's default pruning layers [2, 6, 10, 14] exist
     text_heads: int = 4
@@ -119,9 +126,9 @@ class TinyLlavaConfig:
 
 
 TINY_LLAVA_PRESETS: dict[str, dict[str, Any]] = {
-    "nano": dict(vision_hidden=32, vision_layers=2, text_hidden=32, text_layers=4, text_heads=2,
+    "nano": dict(vision_hidden=32, vision_layers=2, stem_width=32, text_hidden=32, text_layers=4, text_heads=2,
                  text_intermediate=64, image_size=24),  # tests only
-    "tiny": {},  # ~2M params: the CPU recipe
+    "tiny": {},  # ~2.5M params: the CPU recipe
 }
 
 
@@ -137,10 +144,18 @@ def build_tiny_llava(cfg: TinyLlavaConfig, vocab_size: int, image_token_id: int,
 
     if cfg.image_size % cfg.patch_size:
         raise ValueError(f"image_size {cfg.image_size} is not a multiple of patch_size {cfg.patch_size}")
+    if cfg.stem not in ("conv", "patch"):
+        raise ValueError(f"unknown stem {cfg.stem!r}; choose 'conv' or 'patch'")
     grid = cfg.image_size // cfg.patch_size
-    vision = CLIPVisionConfig(hidden_size=cfg.vision_hidden, intermediate_size=4 * cfg.vision_hidden,
-                              num_hidden_layers=cfg.vision_layers, num_attention_heads=cfg.vision_heads,
-                              image_size=cfg.image_size, patch_size=cfg.patch_size, num_channels=3)
+    vision_kw = dict(hidden_size=cfg.vision_hidden, intermediate_size=4 * cfg.vision_hidden,
+                     num_hidden_layers=cfg.vision_layers, num_attention_heads=cfg.vision_heads,
+                     image_size=cfg.image_size, patch_size=cfg.patch_size, num_channels=3)
+    if cfg.stem == "conv":
+        from compression.conv_clip import ConvStemCLIPVisionConfig
+
+        vision = ConvStemCLIPVisionConfig(stem_width=cfg.stem_width, **vision_kw)
+    else:
+        vision = CLIPVisionConfig(**vision_kw)
     text = LlamaConfig(hidden_size=cfg.text_hidden, intermediate_size=cfg.text_intermediate,
                        num_hidden_layers=cfg.text_layers, num_attention_heads=cfg.text_heads,
                        num_key_value_heads=cfg.text_heads, vocab_size=vocab_size,
@@ -262,32 +277,63 @@ class ShapesVQADataModule(pl.LightningDataModule):
 # training wrapper
 
 
+ATTRIBUTE_GROUPS = {"shape": 5, "colour": 6, "count": 3, "position": 9}  # order of ShapesVQA's ``attrs``
+
+
 class TinyLlavaModule(pl.LightningModule):
-    """Thin Lightning wrapper: next-token cross-entropy on the answer (+ <eos>) of ShapesVQA batches.
-    Logs ``{stage}/loss`` and ``{stage}/acc`` (greedy answer-token accuracy).
+    """Thin Lightning wrapper, two phases in one run (LLaVA trains on a *pretrained, frozen* CLIP):
 
-    ``aux_weight`` > 0 adds an attribute-classification loss (shape, colour, count, position) on the
-    vision tower's CLS token at the feature layer: a stand-in for LLaVA's *pretrained* CLIP tower
-    (the LM never sees that CLS token: the "default" strategy drops it; the head is not saved)."""
+    1. ``tower_steps`` steps of tower pretraining, the stand-in for CLIP pretraining: attribute
+       classification (shape, colour, count, position) from the mean of the feature-layer patch
+       tokens (the tokens the LM will see), through a linear head that is not saved;
+    2. the tower is frozen (``requires_grad`` off, eval mode so the stem's BatchNorm statistics
+       stay put) and projector + LM learn next-token cross-entropy on the answer (+ <eos>).
 
-    def __init__(self, preset: str = "tiny", image_size: int = 36, patch_size: int = 4, lr: float = 2e-3,
+    The learning rate warms up and decays (cosine) within each phase. Logs ``train/tower_loss``,
+    ``train/tower_acc_<attribute>`` in phase 1, ``{stage}/loss`` and ``{stage}/acc`` (greedy
+    answer-token accuracy) in phase 2. ``tower_steps=0`` trains everything jointly from the start."""
+
+    def __init__(self, preset: str = "tiny", image_size: int = 36, patch_size: int = 4, lr: float = 3e-3,
                  weight_decay: float = 0.05, warmup_steps: int = 100, save_dir: str | None = None,
-                 aux_weight: float = 0.0) -> None:
+                 tower_steps: int = 600, stem: str | None = None) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.config = tiny_llava_config(preset, image_size=image_size, patch_size=patch_size)
+        if tower_steps < 0:
+            raise ValueError(f"tower_steps must be >= 0, got {tower_steps}")
+        self.config = tiny_llava_config(preset, image_size=image_size, patch_size=patch_size, stem=stem)
         self.tok = WordTokenizer(build_vocab())
         self.model = build_tiny_llava(self.config, len(self.tok.vocab), self.tok.image_id, self.tok.pad_id,
                                       self.tok.bos_id, self.tok.eos_id)
-        self.aux_groups = [5, 6, 3, 9]  # shape, colour, count, position
-        self.aux_head = nn.Linear(self.config.vision_hidden, sum(self.aux_groups)) if aux_weight > 0 else None
+        self.tower_head = nn.Linear(self.config.vision_hidden, sum(ATTRIBUTE_GROUPS.values())) if tower_steps else None
+        self.tower_frozen = False
         self._t0 = time.time()
 
-    def _aux_loss(self, pixel_values: Tensor, attrs: Tensor) -> Tensor:
-        out = self.model.model.vision_tower(pixel_values, output_hidden_states=True)
-        cls = out.hidden_states[self.model.config.vision_feature_layer][:, 0]  # (B, C)
-        logits = self.aux_head(cls).float().split(self.aux_groups, dim=-1)
-        return sum(F.cross_entropy(lg, attrs[:, i]) for i, lg in enumerate(logits)) / len(logits)
+    @property
+    def tower(self) -> nn.Module:
+        return self.model.model.vision_tower
+
+    def freeze_tower(self) -> None:
+        self.tower.requires_grad_(False)
+        self.tower.eval()
+        self.tower_frozen = True
+
+    def train(self, mode: bool = True) -> TinyLlavaModule:
+        super().train(mode)
+        if self.tower_frozen:
+            self.tower.eval()
+        return self
+
+    def _tower_step(self, batch: dict[str, Tensor]) -> Tensor:
+        out = self.tower(batch["pixel_values"], output_hidden_states=True)
+        tokens = out.hidden_states[self.model.config.vision_feature_layer][:, 1:]  # (B, N, C) without CLS
+        logits = self.tower_head(tokens.mean(1)).float().split(list(ATTRIBUTE_GROUPS.values()), dim=-1)
+        losses = []
+        for i, (name, lg) in enumerate(zip(ATTRIBUTE_GROUPS, logits)):
+            losses.append(F.cross_entropy(lg, batch["attrs"][:, i]))
+            self.log(f"train/tower_acc_{name}", (lg.argmax(-1) == batch["attrs"][:, i]).float().mean())
+        loss = sum(losses) / len(losses)
+        self.log("train/tower_loss", loss, prog_bar=True)
+        return loss
 
     def _common_step(self, batch: dict[str, Tensor], stage: str) -> Tensor:
         out = self.model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"],
@@ -300,15 +346,15 @@ class TinyLlavaModule(pl.LightningModule):
         acc = (pred == batch["answer"]).float().mean()
         self.log(f"{stage}/loss", loss, prog_bar=True)
         self.log(f"{stage}/acc", acc, prog_bar=True)
-        if self.aux_head is not None and stage == "train":
-            aux = self._aux_loss(batch["pixel_values"], batch["attrs"])
-            self.log("train/aux", aux, prog_bar=True)
-            loss = loss + self.hparams.aux_weight * aux
         if stage == "val":
             self.log("val/minutes", (time.time() - self._t0) / 60)
         return loss
 
     def training_step(self, batch, batch_idx):
+        if self.global_step < self.hparams.tower_steps:
+            return self._tower_step(batch)
+        if self.tower_head is not None and not self.tower_frozen:
+            self.freeze_tower()
         return self._common_step(batch, "train")
 
     def validation_step(self, batch, batch_idx):
@@ -332,8 +378,15 @@ class TinyLlavaModule(pl.LightningModule):
         opt = torch.optim.AdamW([{"params": decay, "weight_decay": self.hparams.weight_decay},
                                  {"params": no_decay, "weight_decay": 0.0}], lr=self.hparams.lr)
         total = max(int(self.trainer.estimated_stepping_batches), 1)
-        warmup = min(self.hparams.warmup_steps, total // 2)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, warmup, total))
+        phase1 = min(self.hparams.tower_steps, total)
+        phase2 = max(total - phase1, 1)
+
+        def factor(step: int) -> float:  # warmup + cosine within each phase
+            if step < phase1:
+                return warmup_cosine(step, min(self.hparams.warmup_steps, phase1 // 2), phase1)
+            return warmup_cosine(step - phase1, min(self.hparams.warmup_steps, phase2 // 2), phase2)
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
@@ -369,6 +422,8 @@ class LoadedLlava:
 def load_llava(path: str | os.PathLike, attn_implementation: str = "sdpa", dtype: torch.dtype | None = None) -> LoadedLlava:
     """Load a tiny LLaVA (``vocab.json`` present) or a real LLaVA-1.5 HF directory by path (offline)."""
     from transformers import LlavaForConditionalGeneration
+
+    import compression.conv_clip  # noqa: F401  (registers the conv-stem tower type with AutoConfig/AutoModel)
 
     path = Path(path)
     if not (path / "config.json").is_file():

@@ -1,0 +1,74 @@
+"""Tiny LLaVA recipe: the conv-stem CLIP tower type round-trips through save_pretrained, and the
+two-phase training (tower pretraining, then frozen tower + LM) touches the right parameters."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from compression.tiny_llava import (
+    ShapesVQADataModule,
+    TinyLlavaModule,
+    WordTokenizer,
+    build_tiny_llava,
+    build_vocab,
+    load_llava,
+    save_tiny_llava,
+    tiny_llava_config,
+)
+
+
+def test_conv_stem_tower_keeps_the_token_grid_and_reloads(tmp_path):
+    from compression.conv_clip import ConvPatchStem, ConvStemCLIPVisionModel
+
+    torch.manual_seed(0)
+    cfg = tiny_llava_config("nano")
+    tok = WordTokenizer(build_vocab())
+    model = build_tiny_llava(cfg, len(tok.vocab), tok.image_id).eval()
+    tower = model.model.vision_tower
+    assert isinstance(tower, ConvStemCLIPVisionModel) and isinstance(tower.embeddings.patch_embedding, ConvPatchStem)
+    px = torch.randn(2, 3, cfg.image_size, cfg.image_size)
+    grid = cfg.image_size // cfg.patch_size
+    assert tower.embeddings.patch_embedding(px).shape == (2, cfg.vision_hidden, grid, grid)
+    with torch.no_grad():
+        tower.embeddings.patch_embedding.body[1].running_mean.uniform_(-1, 1)  # BatchNorm buffers must be saved too
+        ref = tower(px).last_hidden_state
+    save_tiny_llava(model, tok, cfg, tmp_path / "m")
+    loaded = load_llava(tmp_path / "m").model.model.vision_tower
+    assert type(loaded).__name__ == "ConvStemCLIPVisionModel" and loaded.config.stem_width == cfg.stem_width
+    with torch.no_grad():
+        assert torch.allclose(loaded(px).last_hidden_state, ref, atol=1e-6)
+    with pytest.raises(ValueError, match="power-of-two patch_size"):
+        ConvPatchStem(3, 8, 6, 16)
+    with pytest.raises(ValueError, match="unknown stem 'pixels'"):
+        build_tiny_llava(tiny_llava_config("nano", stem="pixels"), len(tok.vocab), tok.image_id)
+
+
+def test_two_phase_training_pretrains_then_freezes_the_tower(tmp_path):
+    torch.manual_seed(0)
+    module = TinyLlavaModule(preset="nano", image_size=24, patch_size=4, tower_steps=3, warmup_steps=1,
+                             save_dir=str(tmp_path / "model"))
+    data = ShapesVQADataModule(image_size=24, patch_size=4, batch_size=8, train_samples=64, val_samples=8,
+                               test_samples=8)
+    snapshot = {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+    def changed(prefix: str) -> bool:
+        return any(not torch.equal(v, snapshot[k]) for k, v in module.state_dict().items() if k.startswith(prefix))
+
+    trainer = pl.Trainer(max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0)
+    trainer.fit(module, data)  # phase 1 only
+    assert changed("model.model.vision_tower.") and changed("tower_head.")
+    assert not changed("model.model.language_model.") and not changed("model.model.multi_modal_projector.")
+    assert not module.tower_frozen
+    after_phase1 = {k: v.detach().clone() for k, v in module.state_dict().items()}
+    snapshot.update(after_phase1)
+    trainer = pl.Trainer(max_steps=6, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0)
+    module.hparams.tower_steps = 0  # the new trainer counts from 0: go straight to phase 2
+    trainer.fit(module, data)
+    assert module.tower_frozen and not module.tower.training  # BatchNorm statistics stay put
+    assert not changed("model.model.vision_tower.")  # weights and BatchNorm buffers untouched
+    assert changed("model.model.language_model.") and changed("model.model.multi_modal_projector.")
+    assert (tmp_path / "model" / "config.json").is_file()
