@@ -45,6 +45,8 @@ from typing import Literal, NamedTuple
 
 import torch
 
+from ar_gen.sampling import draw_categorical
+
 Mode = Literal["greedy", "exact", "lantern"]
 
 
@@ -275,7 +277,7 @@ class ChainResult(NamedTuple):
 
 
 def _sample(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return draw_categorical(probs, generator)
 
 
 def verify_chain(p: torch.Tensor, q: torch.Tensor | None, drafts: torch.Tensor, config: AcceptanceConfig,

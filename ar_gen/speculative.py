@@ -36,7 +36,7 @@ from typing import Any, Protocol
 import torch
 
 from ar_gen.acceptance import AcceptanceConfig, NeighbourTable, verify_chain
-from ar_gen.sampling import SamplingConfig, cfg_scale_at, top_k_top_p_filter
+from ar_gen.sampling import SamplingConfig, cfg_scale_at, draw_categorical, top_k_top_p_filter
 
 
 def cfg_scale_table(cfg: SamplingConfig, num_steps: int, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -81,10 +81,10 @@ def probs_from_guided(guided: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor
 
 
 def pick(probs: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None) -> torch.Tensor:
-    """(N, V) -> (N,) argmax (greedy) or one multinomial draw."""
+    """(N, V) -> (N,) argmax (greedy) or one categorical draw."""
     if is_greedy(cfg):
         return probs.argmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return draw_categorical(probs, generator)
 
 
 # ----------------------------------------------------------------------------------------------

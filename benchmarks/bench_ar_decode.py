@@ -5,7 +5,8 @@ weights (the zero-initialised output layer is re-drawn N(0, 0.02) so sampling is
 CPU, 8 images with classifier-free guidance (16 rows), 256 tokens, plain multinomial sampling.
 
 Compared side by side in one process, interleaved, median of ``--repeats`` runs after a warm-up:
-* ``workbench``: :func:`ar_gen.sampling.generate` (static KV cache, decode attends to filled slots only);
+* ``workbench``: :func:`ar_gen.sampling.generate` (static KV cache, decode attends to filled slots only,
+  linears on MKL-packed weights); ``workbench-unpacked``: the same loop on ``F.linear``;
 * ``hf-static``: transformers ``LlamaForCausalLM.generate(cache_implementation="static")`` on the same
   shape and the same 16 rows (no CFG arithmetic: HF has none; this is LANTERN's timing baseline);
 * ``llamagen``: LlamaGen's own ``generate`` (FoundationVision/LlamaGen ``autoregressive/models``), only
@@ -36,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ar_gen.gpt import GPT, gpt_config  # noqa: E402
 from ar_gen.sampling import SamplingConfig, generate  # noqa: E402
+from vision.layers import packed_linear_available  # noqa: E402
 from workbench.benchutil import save_table  # noqa: E402
 
 VOCAB, DIM, LAYERS, HEADS, HIDDEN = 16384, 768, 12, 12, 2048
@@ -116,11 +118,12 @@ def build_llamagen(path: str, block_size: int):
     return model, lg_generate
 
 
-def run_workbench(model: GPT, n_img: int, tokens: int, cfg_scale: float) -> float:
+def run_workbench(model: GPT, n_img: int, tokens: int, cfg_scale: float, packed: bool = True) -> float:
     labels = torch.arange(n_img) % 1000
     g = torch.Generator().manual_seed(0)
     t0 = time.perf_counter()
-    out = generate(model, labels, SamplingConfig(cfg_scale=cfg_scale), num_tokens=tokens, generator=g)
+    out = generate(model, labels, SamplingConfig(cfg_scale=cfg_scale), num_tokens=tokens, generator=g,
+                   packed_weights=packed)
     dt = time.perf_counter() - t0
     assert out.shape == (n_img, tokens)
     return dt
@@ -188,6 +191,8 @@ def main() -> int:
     bw = measure_bandwidth_gbs()
     wb = build_workbench(block)
     runners: dict[str, callable] = {"workbench": lambda: run_workbench(wb, args.images, block, args.cfg_scale)}
+    if packed_linear_available():  # the same loop on F.linear: what the packed weights contribute
+        runners["workbench-unpacked"] = lambda: run_workbench(wb, args.images, block, args.cfg_scale, packed=False)
     notes = []
     if not args.skip_hf:
         hf = build_hf(block + 16)
@@ -220,7 +225,7 @@ def main() -> int:
     for name, ts in times.items():
         med = statistics.median(ts)
         rps = rows * block / med
-        bound = bound_filled if name == "workbench" else bound_full
+        bound = bound_filled if name.startswith("workbench") else bound_full
         rows_out.append({
             "method": name, "median_s": round(med, 3), "runs_s": " ".join(f"{t:.2f}" for t in ts),
             "rows_tok_per_s": round(rps, 1), "image_tok_per_s": round(args.images * block / med, 1),

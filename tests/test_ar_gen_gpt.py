@@ -284,3 +284,52 @@ def test_llamagen_state_dict_loads_with_identical_logits_and_greedy_tokens(tmp_p
         ref = lg_generate(lg, torch.tensor([1, 4]), 16, cfg_scale=2.0, cfg_interval=-1, temperature=1.0, top_k=1,
                           top_p=1.0, sample_logits=True)
     assert torch.equal(ref.long(), generate(ours, torch.tensor([1, 4]), SamplingConfig(cfg_scale=2.0, greedy=True)))
+
+
+def test_draw_categorical_law_support_and_edges():
+    """Inverse-CDF draws: chi-square against the (unnormalised) weights, zero weights never drawn,
+    one-hot rows always give their index."""
+    from ar_gen.sampling import draw_categorical
+
+    g = torch.Generator().manual_seed(0)
+    weights = torch.tensor([0.0, 3.0, 1.0, 0.0, 4.0, 2.0, 0.0])  # unnormalised, zeros at both ends too
+    n = 20000
+    draws = draw_categorical(weights.expand(n, -1), g)
+    counts = torch.bincount(draws, minlength=7).float()
+    assert counts[[0, 3, 6]].sum() == 0
+    support = weights > 0
+    expected = weights[support] / weights.sum() * n
+    chi2 = ((counts[support] - expected) ** 2 / expected).sum().item()
+    assert chi2 < 16.3, (chi2, counts)  # 3 dof, p ~ 0.001
+    onehot = torch.eye(5)
+    assert torch.equal(draw_categorical(onehot, g), torch.arange(5))
+    last = torch.zeros(3, 16384)
+    last[:, -1] = 1e-30  # all mass on the last entry, tiny in absolute terms
+    assert torch.equal(draw_categorical(last, g), torch.full((3,), 16383))
+
+
+def test_packed_linears_match_f_linear_and_restore():
+    from vision.layers import packed_linear_available, packed_linears
+
+    if not packed_linear_available():
+        pytest.skip("this torch build has no MKL packed sgemm ops (non-x86 or VTW_PACKED_LINEAR=0)")
+    torch.manual_seed(0)
+    model = tiny(vocab_size=64, block_size=16).eval()
+    x = torch.randn(6, 1, model.config.dim)
+    lin = model.layers[0].attention.wqkv
+    with torch.no_grad():
+        ref = lin(x)
+        with packed_linears(model, rows=6) as packed:
+            assert lin in packed.patched and "forward" in lin.__dict__
+            assert torch.allclose(lin(x), ref, atol=1e-5)
+            assert torch.allclose(lin(x[:3]), ref[:3], atol=1e-6)  # other row counts: F.linear
+        assert "forward" not in lin.__dict__ and not packed.patched
+    with packed_linears(model, rows=6):  # autograd on: the reference path, gradients flow
+        x.requires_grad_(True)
+        lin(x).sum().backward()
+        assert x.grad is not None
+    labels = torch.tensor([1, 2, 3])
+    greedy = SamplingConfig(cfg_scale=2.0, greedy=True)
+    fast = generate(model, labels, greedy, packed_weights=True)
+    slow = generate(model, labels, greedy, packed_weights=False)
+    assert torch.equal(fast, slow)

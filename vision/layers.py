@@ -28,6 +28,12 @@ Shapes (B batch, T new tokens, S cache length, H heads, Hkv kv heads, D head dim
 | ``Attention(x, freqs, input_pos)``  | x (B, T, C), input_pos (T,) long    | (B, T, C)         |
 | ``KVCache.update(pos, k, v)``   | pos (T,), k/v (B, Hkv, T, D)            | cache (B, Hkv, S, D) |
 
+Packed weights for decoding: :func:`packed_linears` (a context manager) runs every fp32 ``nn.Linear``
+under a module on weights pre-packed once by MKL (``cblas_sgemm_pack``, through ``torch.ops.mkl``, the
+kernels TorchInductor uses for frozen CPU linears) whenever the flattened input has exactly ``rows``
+rows: the small-M matmuls of a KV-cached decode step. Any other input, and every module outside the
+``with`` block, goes through ``F.linear`` (the reference); ``VTW_PACKED_LINEAR=0`` switches it off.
+
 Fast path / reference: ``attention`` dispatches to ``F.scaled_dot_product_attention`` when
 ``fused=True`` (the default, switch globally with ``VTW_FUSED_ATTN=0`` or :func:`set_fused_attn`) and to
 :func:`attention_ref` (explicit fp32 softmax) otherwise; tests flip the flag on the same module.
@@ -54,12 +60,15 @@ __all__ = [
     "attention",
     "attention_ref",
     "find_multiple",
+    "packed_linear_available",
+    "packed_linears",
     "precompute_freqs_cis",
     "precompute_freqs_cis_2d",
     "set_fused_attn",
     "use_fused_attn",
 ]
 
+_PACKED_LINEAR = os.environ.get("VTW_PACKED_LINEAR", "1") not in ("0", "false", "False")
 _USE_FUSED_ATTN = os.environ.get("VTW_FUSED_ATTN", "1") not in ("0", "false", "False")
 
 
@@ -232,6 +241,58 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     gqa = q.shape[1] != k.shape[1]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal,
                                           scale=scale, enable_gqa=gqa)
+
+
+def packed_linear_available() -> bool:
+    """True when this torch build has MKL's packed sgemm ops (x86 CPU wheels do) and the flag is on."""
+    if not _PACKED_LINEAR or not torch.backends.mkl.is_available():
+        return False
+    try:
+        return hasattr(torch.ops.mkl, "_mkl_linear") and hasattr(torch.ops.mkl, "_mkl_reorder_linear_weight")
+    except (AttributeError, RuntimeError):
+        return False
+
+
+class packed_linears:  # noqa: N801  (used as a context manager, like torch.no_grad)
+    """``with packed_linears(model, rows): ...`` -- fp32 CPU ``nn.Linear`` layers under ``model`` multiply
+    inputs with exactly ``rows`` rows (after flattening the leading dims) by MKL-packed copies of their
+    weights; other inputs use ``F.linear``. Packing is done once on entry (extra memory: one packed copy
+    of those weights, freed on exit); the original forward is restored on exit. A no-op when
+    :func:`packed_linear_available` is False or ``enabled`` is False. Inference only (no autograd)."""
+
+    def __init__(self, module: nn.Module, rows: int, enabled: bool = True) -> None:
+        self.module, self.rows = module, int(rows)
+        self.enabled = enabled and packed_linear_available()
+        self.patched: list[nn.Linear] = []
+
+    def __enter__(self) -> packed_linears:
+        if not self.enabled:
+            return self
+        for lin in self.module.modules():
+            w = lin.weight if isinstance(lin, nn.Linear) else None
+            if w is None or w.device.type != "cpu" or w.dtype != torch.float32 or "forward" in lin.__dict__:
+                continue
+            packed = torch.ops.mkl._mkl_reorder_linear_weight(w.detach(), self.rows)
+            lin.forward = self._packed_forward(lin, packed, self.rows)
+            self.patched.append(lin)
+        return self
+
+    @staticmethod
+    def _packed_forward(lin: nn.Linear, packed: torch.Tensor, rows: int):
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            flat = x.reshape(-1, x.shape[-1])  # (rows, C_in) on the fast path
+            if flat.shape[0] != rows or x.dtype != torch.float32 or torch.is_grad_enabled():
+                return F.linear(x, lin.weight, lin.bias)
+            bias = None if lin.bias is None else lin.bias.detach()
+            out = torch.ops.mkl._mkl_linear(flat, packed, lin.weight.detach(), bias, rows)
+            return out.view(*x.shape[:-1], out.shape[-1])  # (..., C_out)
+
+        return forward
+
+    def __exit__(self, *exc) -> None:
+        for lin in self.patched:
+            del lin.forward
+        self.patched.clear()
 
 
 class KVCache(nn.Module):
