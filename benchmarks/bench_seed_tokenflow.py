@@ -17,8 +17,13 @@ tiny open_clip text tower trained in Stage I. Reconstruction training uses MSE +
 loss), no GAN / LPIPS, identically for TokenFlow and the VQGAN, so the PSNR comparison is like for like.
 
     .venv/bin/python benchmarks/bench_seed_tokenflow.py            # full (GPU: minutes; CPU: hours)
-    .venv/bin/python benchmarks/bench_seed_tokenflow.py --tower clip-tiny-32 --steps 400 --probe-images 2000
-                                                                  # what was run on the shared 2-core CPU
+    # what was measured on the 2-core CPU (the demo classifier as frozen tower / teacher; 2 threads, ~18 min):
+    B="--tower timm-vit-classifier-tiny --tower-checkpoint runs/demo/classifier/model.safetensors --batch 32
+       --pixel-channels 16 --train-images 10000 --val-images 500 --probe-images 1000"
+    .venv/bin/python benchmarks/bench_seed_tokenflow.py $B --only seed --steps 600
+    .venv/bin/python benchmarks/bench_seed_tokenflow.py $B --only tokenflow --single-scale --steps 1200
+    .venv/bin/python benchmarks/bench_seed_tokenflow.py $B --only vqgan --steps 1200
+    .venv/bin/python benchmarks/bench_seed_tokenflow.py $B --only merge
     .venv/bin/python benchmarks/bench_seed_tokenflow.py --quick    # smoke run (numbers not meaningful)
 
 Writes runs/bench/seed_tokenflow/results.{md,json} and PNG reconstruction grids.
