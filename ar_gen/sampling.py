@@ -128,6 +128,8 @@ def draw_categorical(probs: torch.Tensor, generator: torch.Generator | None = No
     entries are never drawn. Equal in law to ``torch.multinomial(probs, 1)``, but uses one uniform per
     row instead of one exponential per entry (the multinomial kernel's cost on 16k-token vocabularies)."""
     cdf = probs.to(torch.float64).cumsum(dim=-1)  # (N, V)
+    if not bool((cdf[:, -1] > 0).all()):  # catches all-zero and NaN rows, as torch.multinomial does
+        raise ValueError("draw_categorical: a row of probs sums to zero or is not finite")
     u = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device, dtype=torch.float64)
     idx = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)  # (N, 1)
     return idx.clamp_(max=cdf.shape[-1] - 1).squeeze(-1)

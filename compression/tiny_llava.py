@@ -277,7 +277,14 @@ class ShapesVQADataModule(pl.LightningDataModule):
 # training wrapper
 
 
-ATTRIBUTE_GROUPS = {"shape": 5, "colour": 6, "count": 3, "position": 9}  # order of ShapesVQA's ``attrs``
+def _attribute_groups() -> dict[str, int]:
+    """Class counts of ShapesVQA's ``attrs`` columns, in order (shape, colour, count, position)."""
+    from datasets.shapes import COLOURS, SHAPES
+
+    return {"shape": len(SHAPES), "colour": len(COLOURS), "count": len(COUNT_WORDS), "position": len(POSITION_WORDS)}
+
+
+ATTRIBUTE_GROUPS = _attribute_groups()
 
 
 class TinyLlavaModule(pl.LightningModule):

@@ -306,6 +306,10 @@ def test_draw_categorical_law_support_and_edges():
     last = torch.zeros(3, 16384)
     last[:, -1] = 1e-30  # all mass on the last entry, tiny in absolute terms
     assert torch.equal(draw_categorical(last, g), torch.full((3,), 16383))
+    with pytest.raises(ValueError, match="sums to zero or is not finite"):
+        draw_categorical(torch.tensor([[0.5, 0.5], [0.0, 0.0]]), g)
+    with pytest.raises(ValueError, match="sums to zero or is not finite"):
+        draw_categorical(torch.tensor([[0.5, float("nan")]]), g)
 
 
 def test_packed_linears_match_f_linear_and_restore():
