@@ -279,12 +279,14 @@ class packed_linears:  # noqa: N801  (used as a context manager, like torch.no_g
 
     @staticmethod
     def _packed_forward(lin: nn.Linear, packed: torch.Tensor, rows: int):
+        weight = lin.weight.detach()  # detached once: the hot path does no per-call autograd bookkeeping
+        bias = None if lin.bias is None else lin.bias.detach()
+
         def forward(x: torch.Tensor) -> torch.Tensor:
             flat = x.reshape(-1, x.shape[-1]).contiguous()  # (rows, C_in) on the fast path
             if flat.shape[0] != rows or x.dtype != torch.float32 or torch.is_grad_enabled():
                 return F.linear(x, lin.weight, lin.bias)
-            bias = None if lin.bias is None else lin.bias.detach()
-            out = torch.ops.mkl._mkl_linear(flat, packed, lin.weight.detach(), bias, rows)
+            out = torch.ops.mkl._mkl_linear(flat, packed, weight, bias, rows)
             return out.view(*x.shape[:-1], out.shape[-1])  # (..., C_out)
 
         return forward
