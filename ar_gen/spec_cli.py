@@ -22,7 +22,7 @@ from torch import nn
 
 from ar_gen.acceptance import AcceptanceConfig, NeighbourTable
 from ar_gen.sampling import SamplingConfig
-from ar_gen.speculative import SpecOutput, speculative_generate
+from ar_gen.speculative import DRAFT_MODES, SpecOutput, speculative_generate
 
 MODES = ("none", "exact", "lantern")
 
@@ -35,6 +35,10 @@ def add_speculative_arguments(parser: argparse.ArgumentParser) -> None:
                    help="drafter: an EAGLE drafter (.ckpt of EagleDrafterModule or save_eagle dir), a small GPT "
                         "on the same tokenizer, or an n-gram table (.safetensors from fit_ngram_drafter)")
     g.add_argument("--gamma", type=int, default=4, help="drafted tokens per target forward (chain length)")
+    g.add_argument("--draft", choices=DRAFT_MODES, default="sample",
+                   help="sample: drafts x ~ q, accepted with min(1, p~(x)/q(x)) (rejection sampling; far higher "
+                        "acceptance on the flat distributions of visual AR); top1: deterministic drafts, q(x) = 1 "
+                        "(LANTERN's dynamic-tree rule). Both lossless at delta 0; n-gram drafters are always top1")
     g.add_argument("--lantern-k", type=int, default=1000, help="latent neighbourhood size k (clamped to V-1)")
     g.add_argument("--lantern-delta", type=float, default=0.1,
                    help="TV bound delta (<= 1); > 1 means LANTERN++'s multiplicative bound lambda")
@@ -90,6 +94,7 @@ class SpeculativeGenerator:
     acceptance: AcceptanceConfig
     gamma: int = 4
     table: NeighbourTable | None = None
+    draft: str = "sample"
 
     def generate(self, labels: torch.Tensor, sampling: SamplingConfig, num_tokens: int | None = None,
                  generator: torch.Generator | None = None) -> SpecOutput:
@@ -105,7 +110,7 @@ class SpeculativeGenerator:
         runner = RowCachedGPT(self.target)
         try:
             return speculative_generate(runner, self.drafter, labels, n, self.gamma, self.acceptance, sampling,
-                                        self.table, generator, null_class=c.num_classes)
+                                        self.table, generator, null_class=c.num_classes, draft=self.draft)
         finally:
             runner.release()
 
@@ -122,6 +127,9 @@ def build_speculative(args: argparse.Namespace, target: nn.Module, tokenizer: An
         raise ValueError(f"--speculative {mode} needs --drafter CKPT")
     if args.gamma < 1:
         raise ValueError(f"--gamma must be >= 1, got {args.gamma}")
+    draft = getattr(args, "draft", "sample")
+    if draft not in DRAFT_MODES:
+        raise ValueError(f"--draft must be one of {DRAFT_MODES}, got {draft!r}")
     c = target.config
     if c.model_type != "c2i" or c.token_each != 1:
         raise ValueError("--speculative supports class-conditional single-token GPTs only "
@@ -137,12 +145,12 @@ def build_speculative(args: argparse.Namespace, target: nn.Module, tokenizer: An
         table = NeighbourTable.from_codebook(codebook, args.lantern_k, getattr(args, "neighbour_cache", None))
         acceptance.lantern_k = table.k
     drafter = load_drafter_runner(args.drafter, target)
-    return SpeculativeGenerator(target, drafter, acceptance, args.gamma, table)
+    return SpeculativeGenerator(target, drafter, acceptance, args.gamma, table, draft)
 
 
 def make_generator(target: nn.Module, drafter_runner: Any, mode: str, gamma: int = 4, lantern_k: int = 1000,
                    lantern_delta: float = 0.1, codebook: torch.Tensor | None = None,
-                   cache_dir: str | os.PathLike | None = None) -> SpeculativeGenerator:
+                   cache_dir: str | os.PathLike | None = None, draft: str = "sample") -> SpeculativeGenerator:
     """Programmatic twin of :func:`build_speculative` (demo, benchmark)."""
     acceptance = AcceptanceConfig("exact" if mode == "exact" else "lantern", lantern_k, lantern_delta)
     table = None
@@ -151,7 +159,7 @@ def make_generator(target: nn.Module, drafter_runner: Any, mode: str, gamma: int
             raise ValueError("LANTERN needs the tokenizer codebook")
         table = NeighbourTable.from_codebook(codebook.detach().float().cpu(), lantern_k, cache_dir)
         acceptance.lantern_k = table.k
-    return SpeculativeGenerator(target, drafter_runner, acceptance, gamma, table)
+    return SpeculativeGenerator(target, drafter_runner, acceptance, gamma, table, draft)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -167,6 +175,7 @@ class Arm:
     lantern_delta: float = 0.0
     drafter: Any = None  # a drafter runner for this arm (default: run_arms' drafter_runner)
     gamma: int | None = None  # chain length for this arm (default: run_arms' gamma)
+    draft: str = "sample"  # "sample" (x ~ q) or "top1" (deterministic drafts)
 
 
 def run_arms(target: nn.Module, drafter_runner: Any, arms: list[Arm], labels: torch.Tensor, sampling: SamplingConfig,
@@ -194,7 +203,7 @@ def run_arms(target: nn.Module, drafter_runner: Any, arms: list[Arm], labels: to
                disable=not progress)
     specs = {arm.name: None if arm.mode == "plain" else make_generator(
         target, arm.drafter or drafter_runner, arm.mode, arm.gamma or gamma, arm.lantern_k, arm.lantern_delta,
-        codebook, cache_dir) for arm in arms}
+        codebook, cache_dir, arm.draft) for arm in arms}
     if warmup:
         for arm in arms:
             _one_chunk(target, specs[arm.name], chunks[0], sampling, seed, generate)

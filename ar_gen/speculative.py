@@ -39,6 +39,9 @@ from ar_gen.acceptance import AcceptanceConfig, NeighbourTable, verify_chain
 from ar_gen.sampling import SamplingConfig, cfg_scale_at, draw_categorical, top_k_top_p_filter
 
 
+DRAFT_MODES = ("sample", "top1")
+
+
 def cfg_scale_table(cfg: SamplingConfig, num_steps: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """(num_steps,) guidance scale of every token index (``ar_gen.sampling.cfg_scale_at``)."""
     return torch.tensor([cfg_scale_at(i, num_steps, cfg) for i in range(num_steps)], dtype=torch.float32,
@@ -100,7 +103,7 @@ class StepSampler:
     num_steps: int
     generator: torch.Generator | None = None
     scale_table: torch.Tensor | None = None
-    draft: str = "top1"  # "top1": deterministic drafts (q(x) = 1, LANTERN's rule); "sample": x ~ q
+    draft: str = "sample"  # "sample": x ~ q; "top1": deterministic drafts (q(x) = 1, LANTERN's tree rule)
 
     def guided(self, logits: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
         if self.scale_table is None and self.cfg.uses_cfg and self.cfg.cfg_schedule != "constant":
@@ -203,13 +206,15 @@ def speculative_generate(target: CachedTarget, drafter: Drafter, labels: torch.T
                          gamma: int = 4, acceptance: AcceptanceConfig | None = None,
                          sampling: SamplingConfig | None = None, table: NeighbourTable | None = None,
                          generator: torch.Generator | None = None, null_class: int | None = None,
-                         draft: str = "top1") -> SpecOutput:
+                         draft: str = "sample") -> SpecOutput:
     """Generate ``num_tokens`` image tokens per label with chain speculative decoding.
 
     labels (B,) class ids; with CFG (``sampling.cfg_scale != 1``) the uncond stream uses ``null_class``.
-    Greedy sampling (``sampling.greedy`` or temperature 0) verifies by argmax. ``draft``: "top1"
-    (deterministic drafts, accept with min(1, p~(x)), LANTERN's default dynamic-tree rule on a chain)
-    or "sample" (x ~ q, accept with min(1, p~(x)/q(x))); both are lossless at delta = 0. Returns tokens
+    Greedy sampling (``sampling.greedy`` or temperature 0) verifies by argmax. ``draft``: "sample"
+    (x ~ q, accept with min(1, p~(x)/q(x)), residual norm((p - q)+): the acceptance probability is
+    sum_x min(p~, q), far above p(top-1) on the flat distributions of visual AR) or "top1" (deterministic
+    drafts, accept with min(1, p~(x)), LANTERN's dynamic-tree rule on a chain); both are lossless at
+    delta = 0. Drafters that return no q (the n-gram table) are verified as top-1 drafts. Returns tokens
     (B, N) and :class:`SpecStats`.
     """
     acceptance = acceptance or AcceptanceConfig("exact")
@@ -225,8 +230,8 @@ def speculative_generate(target: CachedTarget, drafter: Drafter, labels: torch.T
     batch = labels.shape[0]
     rows = 2 * batch if use_cfg else batch
     device = labels.device
-    if draft not in ("top1", "sample"):
-        raise ValueError(f"draft must be 'top1' or 'sample', got {draft!r}")
+    if draft not in DRAFT_MODES:
+        raise ValueError(f"draft must be one of {DRAFT_MODES}, got {draft!r}")
     sampler = StepSampler(sampling, num_tokens, generator, draft=draft)
     # finished rows keep running (static batch): chunk starts <= N+G, drafter positions <= N+3G
     max_seq = num_tokens + 3 * gamma + 2

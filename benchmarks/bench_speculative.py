@@ -40,6 +40,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ngram-gamma", type=int, default=4)
     p.add_argument("--train-seconds", type=float, default=120.0)
     p.add_argument("--gamma", type=int, default=3)
+    p.add_argument("--draft", choices=["sample", "top1"], default="sample",
+                   help="EAGLE drafts: sampled from q (default) or top-1; an 'exact (top-1 drafts)' arm is always "
+                        "added for comparison")
     p.add_argument("--deltas", type=float, nargs="+", default=[0.05, 0.1, 0.2])
     p.add_argument("--ks", type=int, nargs="+", default=[100, 1000])
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
@@ -151,8 +154,10 @@ def main(argv: list[str] | None = None) -> int:
     drafter = drafter.to(device)
     runner = EagleDraftRunner(drafter, target)
     sampling = SamplingConfig(cfg_scale=args.cfg, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
-    arms = [Arm("plain", "plain"), Arm("exact", "exact")]
-    arms += [Arm(f"lantern k={k} d={d}", "lantern", k, d) for k in args.ks for d in args.deltas]
+    arms = [Arm("plain", "plain"), Arm("exact", "exact", draft=args.draft)]
+    other = "top1" if args.draft == "sample" else "sample"
+    arms += [Arm(f"exact ({other} drafts)", "exact", draft=other)]
+    arms += [Arm(f"lantern k={k} d={d}", "lantern", k, d, draft=args.draft) for k in args.ks for d in args.deltas]
     if args.ngram is not None or args.shards is not None:  # the n-gram drafter (beyond the issue)
         from ar_gen.spec_models import NGramDraftRunner, NGramTable
 
@@ -192,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
             row["frechet"] = fd
     meta = {
         "target": str(gpt_path), "tokenizer": str(tok_path), "drafter": train_note, "gamma": args.gamma,
+        "drafts": f"EAGLE arms: {args.draft} (x ~ q: accept min(1, p~/q); top1: q(x) = 1); n-gram arms: top1",
         "sampling": f"cfg {args.cfg}, temperature {args.temperature}, top-k {args.top_k}, top-p {args.top_p}",
         "timing": f"median of {args.repeats} after 1 warm-up chunk, {args.speed_images} images per batch size, "
                   f"{args.threads} threads, device {args.device}",

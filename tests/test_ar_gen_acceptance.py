@@ -126,6 +126,21 @@ def test_broken_residual_is_caught_by_the_same_test(top1: bool) -> None:
     assert pvalue < 1e-6, f"a broken residual went unnoticed (p={pvalue:.2e})"
 
 
+def test_sampled_drafts_accept_sum_min_p_q_top1_drafts_accept_p_of_the_draft() -> None:
+    """Flat target, drafter equal to it: drafts sampled from q are always accepted (u q(x) <= p(x)), a
+    deterministic top-1 draft only with probability p(x) = 1/V (why sampled drafts are the default)."""
+    rows, vocab, gamma = 4000, 4, 1
+    p = torch.full((rows, gamma + 1, vocab), 1.0 / vocab, dtype=torch.float64)
+    q = p[:, :gamma].clone()
+    gen = torch.Generator().manual_seed(0)
+    drafts = torch.randint(0, vocab, (rows, gamma), generator=gen)
+    sampled = verify_chain(p, q, drafts, AcceptanceConfig("exact"), generator=gen)
+    assert bool((sampled.n_accepted == gamma).all())
+    top1 = verify_chain(p, None, drafts, AcceptanceConfig("exact"), generator=gen)
+    rate = top1.n_accepted.double().mean().item()
+    assert abs(rate - 1.0 / vocab) < 4 * (0.25 * 0.75 / rows) ** 0.5, rate  # binomial, 4 sigma
+
+
 def test_lantern_relaxation_changes_the_distribution_and_accepts_more() -> None:
     target, drafter = _bigram(VOCAB, 1, 1.5), _bigram(VOCAB, 2, 1.5)
     table = NeighbourTable(latent_neighbours(torch.randn(VOCAB, 2, generator=torch.Generator().manual_seed(1)),

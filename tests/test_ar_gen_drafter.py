@@ -61,7 +61,10 @@ def test_lightning_module_fits_and_checkpoint_loads(tmp_path) -> None:
                               "--lantern-k", "1000", "--neighbour-cache", str(tmp_path / "nn")])
     with pytest.warns(UserWarning, match="exceeds"):
         spec = build_speculative(args, target, _Tok())
-    assert spec.acceptance.lantern_k == 23
+    assert spec.acceptance.lantern_k == 23 and spec.draft == "sample"  # default: drafts sampled from q
+    top1 = build_speculative(parser.parse_args(["--speculative", "exact", "--drafter", str(ckpt), "--draft", "top1"]),
+                             target)
+    assert top1.draft == "top1"
     out = spec.generate(torch.tensor([0, 1]), SamplingConfig(cfg_scale=2.0, top_k=10),
                         generator=torch.Generator().manual_seed(0))
     assert out.tokens.shape == (2, 16) and out.stats.target_forwards >= 1

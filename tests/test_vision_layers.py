@@ -15,6 +15,7 @@ from vision.layers import (
     RMSNorm,
     TransformerBlock,
     apply_rotary_emb,
+    apply_rotary_emb_ref,
     attention,
     attention_ref,
     find_multiple,
@@ -119,6 +120,26 @@ def test_cached_decoding_equals_full_forward(n_kv_head):
             outs.append(block(x[:, pos:pos + n], freqs[ip], ip, mask=causal[None, None, ip]))
         pos += n
     torch.testing.assert_close(torch.cat(outs, 1), full, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("per_row", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_complex_fast_path_equals_reference(per_row, dtype):
+    torch.manual_seed(0)
+    b, t, h, d = 3, 5, 4, 16
+    fused = torch.randn(b, t, 3 * h * d, dtype=dtype, requires_grad=True)  # like Attention's wqkv output
+    q, k, _ = fused.split([h * d, h * d, h * d], dim=-1)
+    q, k = q.view(b, t, h, d), k.view(b, t, h, d)  # non-contiguous views, k at an odd-looking offset
+    freqs = precompute_freqs_cis_2d(4, d, cls_token_num=1)
+    f = freqs[torch.randint(0, freqs.shape[0], (b, t))] if per_row else freqs[:t]  # (B, T, D/2, 2) | (T, D/2, 2)
+    odd = fused[..., 1:1 + h * d].view(b, t, h, d)  # odd storage offset: the fast path copies first
+    for x in (q, k, odd):
+        fast, ref = apply_rotary_emb(x, f), apply_rotary_emb_ref(x, f)
+        assert fast.dtype == ref.dtype == dtype and fast.shape == ref.shape
+        torch.testing.assert_close(fast, ref, atol=1e-6 if dtype == torch.float32 else 1e-2, rtol=1e-5)
+    (gf,) = torch.autograd.grad(apply_rotary_emb(q, f).float().square().sum(), fused)
+    (gr,) = torch.autograd.grad(apply_rotary_emb_ref(q, f).float().square().sum(), fused)
+    torch.testing.assert_close(gf, gr, atol=1e-5 if dtype == torch.float32 else 1e-2, rtol=1e-4)
 
 
 def test_rope_relative_position_property_1d():
