@@ -114,10 +114,14 @@ class EagleDrafterModule(LightningModule):
 
 def train_eagle(target: nn.Module, batches: Iterable[dict[str, Any]], steps: int, lr: float = 1e-3,
                 warmup_steps: int = 30, seed: int = 0, time_budget_s: float | None = None,
-                progress: bool = True, **config_overrides: Any) -> tuple[EagleDrafter, list[dict[str, float]]]:
-    """Plain training loop (demo): returns the drafter (eval mode) and a short log.
+                progress: bool = True, autocast_dtype: torch.dtype | None = None,
+                **config_overrides: Any) -> tuple[EagleDrafter, list[dict[str, float]]]:
+    """Plain training loop (demo): returns the drafter (eval mode, fp32 weights) and a short log.
 
-    ``batches`` is cycled; stops after ``steps`` or ``time_budget_s`` seconds, whichever first.
+    ``batches`` is cycled; stops after ``steps`` or ``time_budget_s`` seconds, whichever first. With a time
+    budget the learning-rate schedule follows whichever of steps and elapsed time is further along, so a
+    budget-limited run still ends at the low learning rate. ``autocast_dtype`` (e.g. ``torch.bfloat16`` on
+    CPUs with bf16 matrix units) runs the target and drafter forwards under autocast.
     """
     import itertools
     import time
@@ -128,7 +132,7 @@ def train_eagle(target: nn.Module, batches: Iterable[dict[str, Any]], steps: int
     target.eval().requires_grad_(False)
     drafter = EagleDrafter(eagle_config(target.config, **config_overrides)).train()
     opt = torch.optim.AdamW(drafter.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(warmup_steps, steps))
+    schedule = _lr_lambda(warmup_steps, steps)
     gen = torch.Generator().manual_seed(seed)
     log: list[dict[str, float]] = []
     start = time.perf_counter()
@@ -137,12 +141,18 @@ def train_eagle(target: nn.Module, batches: Iterable[dict[str, Any]], steps: int
     for step, batch in enumerate(itertools.cycle(batches)):
         if step >= steps or (time_budget_s is not None and time.perf_counter() - start > time_budget_s):
             break
-        out = eagle_step(drafter, target, batch, gen)
+        elapsed = time.perf_counter() - start
+        at = step if time_budget_s is None or step < warmup_steps else max(
+            step, warmup_steps + int(elapsed / time_budget_s * (steps - warmup_steps)))
+        for group in opt.param_groups:
+            group["lr"] = lr * schedule(at)
+        device_type = next(drafter.parameters()).device.type
+        with torch.autocast(device_type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+            out = eagle_step(drafter, target, batch, gen)
         opt.zero_grad(set_to_none=True)
         out["loss"].backward()
         torch.nn.utils.clip_grad_norm_(drafter.parameters(), 0.5)  # LANTERN: gradient clip 0.5
         opt.step()
-        sched.step()
         if step % 20 == 0:
             log.append({"step": step, **{k: float(v.detach()) for k, v in out.items()}})
         bar.update(1)

@@ -42,6 +42,9 @@ def add_speculative_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--lantern-k", type=int, default=1000, help="latent neighbourhood size k (clamped to V-1)")
     g.add_argument("--lantern-delta", type=float, default=0.1,
                    help="TV bound delta (<= 1); > 1 means LANTERN++'s multiplicative bound lambda")
+    g.add_argument("--lantern-residual", choices=["aggregated", "official"], default="aggregated",
+                   help="after a rejection, remove the aggregated neighbours from the residual (default) or, as "
+                        "the released LANTERN code, the k+1 nearest (with k near V that leaves a uniform draw)")
     g.add_argument("--neighbour-cache", type=Path, default=None,
                    help="folder for the cached neighbour tables (default $VTW_CACHE or ~/.cache/vtw)")
 
@@ -134,7 +137,8 @@ def build_speculative(args: argparse.Namespace, target: nn.Module, tokenizer: An
     if c.model_type != "c2i" or c.token_each != 1:
         raise ValueError("--speculative supports class-conditional single-token GPTs only "
                          f"(this GPT: model_type={c.model_type}, token_each={c.token_each})")
-    acceptance = AcceptanceConfig("exact" if mode == "exact" else "lantern", args.lantern_k, args.lantern_delta)
+    acceptance = AcceptanceConfig("exact" if mode == "exact" else "lantern", args.lantern_k, args.lantern_delta,
+                                  getattr(args, "lantern_residual", "aggregated"))
     table = None
     if acceptance.relaxed:
         if tokenizer is None or not hasattr(tokenizer, "codebook_embeddings"):

@@ -52,12 +52,19 @@ class RowKVCache(KVCache):
 
     def zero_from(self, valid_len: torch.Tensor, lo: int, hi: int) -> None:
         """Zero slots j in [lo, hi) with j >= valid_len[row] (rows given by valid_len's length)."""
-        b = valid_len.shape[0]
-        slots = torch.arange(lo, hi, device=valid_len.device)
-        stale = (slots.unsqueeze(0) >= valid_len.unsqueeze(1))[:, None, :, None]  # (rows, 1, hi-lo, 1)
+        self.zero_stale(stale_slots(valid_len, lo, hi), lo, hi)
+
+    def zero_stale(self, stale: torch.Tensor, lo: int, hi: int) -> None:
+        """Zero the slots [lo, hi) that ``stale`` (rows, 1, hi-lo, 1) marks (see :func:`stale_slots`)."""
+        b = stale.shape[0]
         for buf in (self.k_cache, self.v_cache):
-            view = buf[:b, :, lo:hi]
-            view.masked_fill_(stale, 0.0)
+            buf[:b, :, lo:hi].masked_fill_(stale, 0.0)
+
+
+def stale_slots(valid_len: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """(rows,) valid lengths -> bool (rows, 1, hi-lo, 1): slot lo+i is stale for row b iff lo+i >= valid_len[b]."""
+    slots = torch.arange(lo, hi, device=valid_len.device)
+    return (slots.unsqueeze(0) >= valid_len.unsqueeze(1))[:, None, :, None]
 
 
 def row_mask(positions: torch.Tensor, kv_len: int) -> torch.Tensor:
@@ -131,8 +138,9 @@ class RowCachedGPT:
         lo = int(valid_len.min())
         if lo >= self.written_hi:
             return
+        stale = stale_slots(valid_len, lo, self.written_hi)  # computed once for every layer's cache
         for cache in self.caches:
-            cache.zero_from(valid_len, lo, self.written_hi)
+            cache.zero_stale(stale, lo, self.written_hi)
         self.written_hi = int(valid_len.max())
 
 

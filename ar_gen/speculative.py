@@ -38,7 +38,6 @@ import torch
 from ar_gen.acceptance import AcceptanceConfig, NeighbourTable, verify_chain
 from ar_gen.sampling import SamplingConfig, cfg_scale_at, draw_categorical, top_k_top_p_filter
 
-
 DRAFT_MODES = ("sample", "top1")
 
 

@@ -211,6 +211,32 @@ def test_residual_without_relaxation_is_p_minus_q() -> None:
     torch.testing.assert_close(res, ref / ref.sum(-1, keepdim=True))
 
 
+def test_residuals_remove_exactly_the_aggregated_neighbours_and_official_rule_differs() -> None:
+    vocab = 6
+    table = NeighbourTable(torch.tensor([[1, 2, 3, 4, 5]] * vocab), k=5)  # k = V-1: every other code
+    p = torch.tensor([[0.30, 0.05, 0.04, 0.31, 0.20, 0.10]], dtype=torch.float64)
+    x = torch.tensor([0])
+    relaxed = relaxed_probability(p, x, table, delta=0.1)
+    assert int(relaxed.j_star[0]) == 2 and abs(float(relaxed.mass[0]) - 0.09) < 1e-12  # 0.05 + 0.04 <= 0.1
+    # top-1 draft rejected: x and its two aggregated neighbours leave, the rest keeps its proportions
+    res = point_mass_residual(p, None, x, relaxed.j_star, table)
+    torch.testing.assert_close(res, torch.tensor([[0, 0, 0, 0.31, 0.20, 0.10]], dtype=torch.float64) / 0.61)
+    # the released code's rule zeroes the k+1 = 6 nearest, i.e. everything: a uniform correction token
+    official = point_mass_residual(p, None, x, relaxed.j_star, table, official=True)
+    torch.testing.assert_close(official, torch.full((1, vocab), 1 / vocab, dtype=torch.float64))
+    # sampled draft: norm((p - q)+) without the aggregated neighbours
+    q = torch.tensor([[0.50, 0.01, 0.01, 0.08, 0.30, 0.10]], dtype=torch.float64)
+    res = lantern_residual(p, q, x, relaxed.j_star, table)
+    expected = torch.tensor([[0, 0, 0, 0.23, 0, 0]], dtype=torch.float64)
+    torch.testing.assert_close(res, expected / expected.sum())
+    # official: q zeroed on every other code, so the residual is p without x (p(x) < q(x)), renormalised
+    no_x = p.clone()
+    no_x[0, 0] = 0.0
+    torch.testing.assert_close(lantern_residual(p, q, x, relaxed.j_star, table, official=True), no_x / 0.7)
+    with pytest.raises(ValueError, match="residual"):
+        AcceptanceConfig("lantern", 5, 0.1, residual="k+1")
+
+
 def test_neighbours_equal_brute_force_knn(tmp_path) -> None:
     gen = torch.Generator().manual_seed(3)
     codebook = torch.randn(300, 8, generator=gen)
