@@ -384,13 +384,14 @@ class Attention(nn.Module):
                 mask: torch.Tensor | None = None, is_causal: bool = False, kv_len: int | None = None) -> torch.Tensor:
         b, t, _ = x.shape
         q_size, kv_size = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
-        q, k, v = self.wqkv(x).split([q_size, kv_size, kv_size], dim=-1)
-        q = q.view(b, t, self.n_head, self.head_dim)  # (B, T, H, D)
-        k = k.view(b, t, self.n_kv_head, self.head_dim)  # (B, T, Hkv, D)
-        v = v.view(b, t, self.n_kv_head, self.head_dim)
-        if freqs_cis is not None:
-            q = apply_rotary_emb(q, freqs_cis)
-            k = apply_rotary_emb(k, freqs_cis)
+        qkv = self.wqkv(x)  # (B, T, (H + 2 Hkv) D)
+        v = qkv[..., q_size + kv_size:].view(b, t, self.n_kv_head, self.head_dim)  # (B, T, Hkv, D)
+        if freqs_cis is not None:  # q and k are adjacent: rotate both heads groups in one call
+            qk = qkv[..., : q_size + kv_size].view(b, t, self.n_head + self.n_kv_head, self.head_dim)
+            q, k = apply_rotary_emb(qk, freqs_cis).split([self.n_head, self.n_kv_head], dim=2)
+        else:
+            q = qkv[..., :q_size].view(b, t, self.n_head, self.head_dim)  # (B, T, H, D)
+            k = qkv[..., q_size: q_size + kv_size].view(b, t, self.n_kv_head, self.head_dim)  # (B, T, Hkv, D)
         q, k, v = (z.transpose(1, 2) for z in (q, k, v))  # (B, H|Hkv, T, D)
         if self.kv_cache is not None and input_pos is not None:
             k, v = self.kv_cache.update(input_pos, k, v)  # (B, Hkv, S, D)
