@@ -275,7 +275,7 @@ def lantern_residual(p: torch.Tensor, q: torch.Tensor, x: torch.Tensor, j_star: 
     """Resampling distribution after rejecting x ~ q.   p, q: (N, V); x, j_star: (N,).  Returns (N, V).
 
     norm((p - q)+) with the aggregated neighbours B_{j*}(x) removed (falls back to norm((p - q)+) if
-    that leaves nothing). ``official``: q(B_{k+1}(x)) <- 0 where j* > 0 first, uniform if all zero (the
+    that leaves nothing, then to p). ``official``: q(B_{k+1}(x)) <- 0 where j* > 0 first, uniform if all zero (the
     released LANTERN++ code). With no relaxation (j* = 0 everywhere) both are the lossless residual.
     """
     if official:
@@ -284,7 +284,7 @@ def lantern_residual(p: torch.Tensor, q: torch.Tensor, x: torch.Tensor, j_star: 
         return _normalise(res, torch.ones_like(res))
     plain = (p - q).clamp_min(0.0)
     res = _zero_neighbours(plain.clone(), x, j_star, table, official=False)
-    return _normalise(res, plain)
+    return _normalise(res, torch.where(plain.sum(-1, keepdim=True) > 0, plain, p))
 
 
 def point_mass_residual(p: torch.Tensor, q: torch.Tensor | None, x: torch.Tensor, j_star: torch.Tensor,

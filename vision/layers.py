@@ -386,7 +386,7 @@ class Attention(nn.Module):
         q_size, kv_size = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
         qkv = self.wqkv(x)  # (B, T, (H + 2 Hkv) D)
         v = qkv[..., q_size + kv_size:].view(b, t, self.n_kv_head, self.head_dim)  # (B, T, Hkv, D)
-        if freqs_cis is not None:  # q and k are adjacent: rotate both heads groups in one call
+        if freqs_cis is not None:  # q and k are adjacent: rotate both head groups in one call
             qk = qkv[..., : q_size + kv_size].view(b, t, self.n_head + self.n_kv_head, self.head_dim)
             q, k = apply_rotary_emb(qk, freqs_cis).split([self.n_head, self.n_kv_head], dim=2)
         else:
