@@ -65,6 +65,11 @@ def test_lightning_module_fits_and_checkpoint_loads(tmp_path) -> None:
     top1 = build_speculative(parser.parse_args(["--speculative", "exact", "--drafter", str(ckpt), "--draft", "top1"]),
                              target)
     assert top1.draft == "top1"
+    with pytest.warns(UserWarning, match="exceeds"):
+        official = build_speculative(parser.parse_args(["--speculative", "lantern", "--drafter", str(ckpt),
+                                                        "--lantern-residual", "official",
+                                                        "--neighbour-cache", str(tmp_path / "nn")]), target, _Tok())
+    assert official.acceptance.residual == "official" and spec.acceptance.residual == "aggregated"
     out = spec.generate(torch.tensor([0, 1]), SamplingConfig(cfg_scale=2.0, top_k=10),
                         generator=torch.Generator().manual_seed(0))
     assert out.tokens.shape == (2, 16) and out.stats.target_forwards >= 1
