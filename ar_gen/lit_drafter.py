@@ -133,6 +133,7 @@ def train_eagle(target: nn.Module, batches: Iterable[dict[str, Any]], steps: int
     drafter = EagleDrafter(eagle_config(target.config, **config_overrides)).train()
     opt = torch.optim.AdamW(drafter.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
     schedule = _lr_lambda(warmup_steps, steps)
+    device_type = next(drafter.parameters()).device.type
     gen = torch.Generator().manual_seed(seed)
     log: list[dict[str, float]] = []
     start = time.perf_counter()
@@ -146,7 +147,6 @@ def train_eagle(target: nn.Module, batches: Iterable[dict[str, Any]], steps: int
             step, warmup_steps + int(elapsed / time_budget_s * (steps - warmup_steps)))
         for group in opt.param_groups:
             group["lr"] = lr * schedule(at)
-        device_type = next(drafter.parameters()).device.type
         with torch.autocast(device_type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
             out = eagle_step(drafter, target, batch, gen)
         opt.zero_grad(set_to_none=True)

@@ -50,10 +50,6 @@ class RowKVCache(KVCache):
         v_out.scatter_(2, index, v.to(v_out.dtype))
         return k_out, v_out
 
-    def zero_from(self, valid_len: torch.Tensor, lo: int, hi: int) -> None:
-        """Zero slots j in [lo, hi) with j >= valid_len[row] (rows given by valid_len's length)."""
-        self.zero_stale(stale_slots(valid_len, lo, hi), lo, hi)
-
     def zero_stale(self, stale: torch.Tensor, lo: int, hi: int) -> None:
         """Zero the slots [lo, hi) that ``stale`` (rows, 1, hi-lo, 1) marks (see :func:`stale_slots`)."""
         b = stale.shape[0]
