@@ -63,10 +63,11 @@ def test_output_layer_zero_initialised_and_init_std():
     assert abs(std - 0.02) < 0.002
 
 
-@pytest.mark.parametrize("token_each", [1, 2])
-@pytest.mark.parametrize("n_kv_head", [None, 1])
-def test_cached_decoding_equals_full_forward_at_every_position(token_each, n_kv_head):
-    model = tiny(token_each=token_each, n_kv_head=n_kv_head)
+@pytest.mark.parametrize("token_each,n_kv_head,rope_prefix",
+                         [(1, None, "zero"), (2, None, "zero"), (1, 1, "zero"), (2, 1, "zero"), (1, None, "identity"),
+                          (2, 1, "identity")])
+def test_cached_decoding_equals_full_forward_at_every_position(token_each, n_kv_head, rope_prefix):
+    model = tiny(token_each=token_each, n_kv_head=n_kv_head, rope_prefix=rope_prefix)
     b, n = 3, model.config.block_size
     shape = (b, n) if token_each == 1 else (b, n, token_each)
     tokens = torch.randint(0, 40, shape)
@@ -87,6 +88,31 @@ def test_cached_decoding_equals_full_forward_at_every_position(token_each, n_kv_
     out = model(tokens[:, :4], None, input_pos=torch.arange(1, 5), return_hidden=True, kv_len=5)
     assert (out.logits - full[:, 1:5]).abs().max() < 1e-4
     assert out.hidden.shape == (b, 4, model.config.dim)
+
+
+@pytest.mark.parametrize("rope_prefix", ["zero", "identity"])
+def test_class_token_key_is_zero_only_with_llamagen_prefix_rows(rope_prefix):
+    """LlamaGen's zero prefix rows make the class token's rotated key 0 for every label (every query scores it
+    at 0, so attention cannot single it out); the identity rows keep a label-dependent, learnable key."""
+    from vision.layers import apply_rotary_emb
+
+    model = tiny(rope_prefix=rope_prefix)
+    captured = {}
+    model.layers[0].attention.wqkv.register_forward_hook(lambda m, i, o: captured.setdefault("qkv", o))
+    labels = torch.tensor([0, 1, 2])
+    model(torch.randint(0, 40, (3, 4)), labels)
+    att = model.layers[0].attention
+    h, d = att.n_head, att.head_dim
+    qkv = captured["qkv"]  # (B, 1 + 4, (H + 2 Hkv) D)
+    k = qkv[..., h * d: h * d + att.n_kv_head * d].reshape(3, 5, att.n_kv_head, d)
+    k_rot = apply_rotary_emb(k, model.freqs_cis[:5])
+    class_keys = k_rot[:, 0]  # (B, Hkv, D)
+    if rope_prefix == "zero":
+        assert class_keys.abs().max() == 0
+    else:
+        torch.testing.assert_close(class_keys, k[:, 0])  # unrotated
+        assert (class_keys[0] - class_keys[1]).abs().max() > 1e-3  # depends on the label
+    assert k_rot[:, 1:].abs().amax(-1).min() > 0  # every image key is non-zero
 
 
 def test_caption_conditioned_prefix_and_null_caption():

@@ -17,6 +17,7 @@ from vision.layers import (
     apply_rotary_emb,
     apply_rotary_emb_ref,
     attention,
+    attention_eager_lowp,
     attention_ref,
     find_multiple,
     precompute_freqs_cis,
@@ -66,6 +67,43 @@ def test_fused_attention_equals_reference(n_kv_head, causal):
     (g_ref,) = torch.autograd.grad(y_ref.square().sum(), x)
     assert (y_fused - y_ref).abs().max() < 1e-5, f"max abs diff {(y_fused - y_ref).abs().max()}"
     torch.testing.assert_close(g_fused, g_ref, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("n_kv_head,causal,use_mask", [(4, True, False), (2, False, True), (1, True, True)])
+def test_eager_lowp_attention_matches_reference_in_bf16_with_gradients(n_kv_head, causal, use_mask):
+    torch.manual_seed(0)
+    q = torch.randn(2, 4, 9, 16)
+    k, v = torch.randn(2, n_kv_head, 9, 16), torch.randn(2, n_kv_head, 9, 16)
+    mask = None
+    if use_mask:
+        mask = torch.rand(2, 1, 9, 9) > 0.3
+        mask[..., 0] = True  # no empty rows
+    grads = {}
+    outs = {}
+    for name, fn, dtype in [("ref", attention_ref, torch.float32), ("eager", attention_eager_lowp, torch.bfloat16)]:
+        leaves = [t.detach().to(dtype, copy=True).requires_grad_() for t in (q, k, v)]
+        out = fn(*leaves, mask=mask, is_causal=causal)
+        assert out.dtype == dtype
+        out.float().square().sum().backward()
+        outs[name], grads[name] = out.float(), [t.grad.float() for t in leaves]
+    torch.testing.assert_close(outs["eager"], outs["ref"], atol=3e-2, rtol=3e-2)
+    for g_eager, g_ref in zip(grads["eager"], grads["ref"]):
+        torch.testing.assert_close(g_eager, g_ref, atol=0.1, rtol=5e-2)
+
+
+def test_attention_dispatch_cpu_bf16_training_uses_eager_path_else_sdpa():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 6, 8, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    out = attention(q, k, v, is_causal=True)  # autograd on, bf16, CPU: eager matmuls
+    assert torch.equal(out, attention_eager_lowp(q, k, v, is_causal=True))
+    with torch.no_grad():  # inference: SDPA
+        sdpa = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        assert torch.equal(attention(q, k, v, is_causal=True), sdpa)
+    q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))  # fp32 training: SDPA
+    long = [torch.randn(1, 2, 200, 8, dtype=torch.bfloat16, requires_grad=True) for _ in range(3)]  # > 128 keys
+    assert torch.equal(attention(*long, is_causal=True), F.scaled_dot_product_attention(*long, is_causal=True))
+    assert torch.equal(attention(q32, k32, v32, is_causal=True),
+                       F.scaled_dot_product_attention(q32, k32, v32, is_causal=True))
 
 
 def test_attention_bool_mask_equals_reference_and_masks():

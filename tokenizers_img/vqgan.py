@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 from tokenizers_img.base import ImageTokenizer, QuantizerOutput, config_from_dict
 from tokenizers_img.quantizers import VectorQuantizer
+from vision.layers import attention
 
 __all__ = ["VQGANConfig", "VQGAN", "VQGAN_PRESETS", "Encoder", "Decoder", "attention_ref"]
 
@@ -126,7 +127,7 @@ class AttnBlock(nn.Module):
         h = self.norm(x)
         q, k, v = (t.flatten(2).transpose(1, 2) for t in (self.q(h), self.k(h), self.v(h)))  # (B, HW, C)
         if self.fused_attn:
-            o = F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None])[:, 0]  # (B, HW, C)
+            o = attention(q[:, None], k[:, None], v[:, None])[:, 0]  # (B, HW, C); SDPA or eager bf16 CPU training
         else:
             o = attention_ref(q, k, v)
         o = o.transpose(1, 2).reshape(B, C, H, W)

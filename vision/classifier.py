@@ -171,6 +171,17 @@ class ImageClassifier(pl.LightningModule):
 
     def on_train_start(self) -> None:
         self._fit_started = time.monotonic()
+        # bf16/fp16 training on CPU: timm's eager attention (q k^T, softmax, @ v) is ~1.5x faster per step than
+        # SDPA's flash kernel there (benchmarks/bench_cpu_attention.py); inference keeps timm's default
+        if self.device.type == "cpu" and str(self.trainer.precision).startswith(("bf16", "16")):
+            self._timm_fused = {m: m.fused_attn for m in self.net.modules() if hasattr(m, "fused_attn")}
+            for m in self._timm_fused:
+                m.fused_attn = False
+
+    def on_train_end(self) -> None:
+        for m, fused in getattr(self, "_timm_fused", {}).items():
+            m.fused_attn = fused
+        self._timm_fused = {}
 
     def training_step(self, batch, batch_idx):
         return self._common_step(batch, "train")

@@ -22,13 +22,15 @@ from workbench.demo_stages import DemoContext, StageResult
 
 # Model / optimisation budget for ~5 minutes of 2 quiet CPU cores (bf16-mixed where the CPU has AMX).
 PRESET = "GPT-tiny"
+# rope_prefix "identity": the class token's key is learnable (LlamaGen's zero rows make it unaddressable);
+# with it the label is learnt about twice as fast (class consistency 48% vs 21% after 1600 steps).
 MODEL = dict(n_layer=4, n_head=6, dim=192, multiple_of=64, token_dropout_p=0.0, resid_dropout_p=0.0,
-             ffn_dropout_p=0.0, class_dropout_prob=0.1)
+             ffn_dropout_p=0.0, class_dropout_prob=0.1, rope_prefix="identity")
 BATCH_SIZE = 64
 LR = 3e-3
 WARMUP = 50
-STEPS = 2000
-TIME_BUDGET_S = 270.0
+STEPS = 3000
+TIME_BUDGET_S = 300.0
 QUICK_STEPS = 3
 PER_CLASS = 8
 SAMPLING = dict(cfg_scale=3.0, temperature=1.0, top_k=0, top_p=1.0)
