@@ -14,7 +14,7 @@ from workbench.demo_stages import DemoContext, StageResult
 
 IMAGE_SIZE = 32
 STEPS = 2000  # upper bound; the wall-clock budget below usually ends the run first
-TIME_BUDGET_S = 70.0  # the cosine schedule follows steps or time, whichever is further along
+TIME_BUDGET_S = 100.0  # the cosine schedule follows steps or time, whichever is further along
 QUICK_STEPS = 20
 
 

@@ -30,7 +30,7 @@ BATCH_SIZE = 64
 LR = 3e-3
 WARMUP = 50
 STEPS = 3000
-TIME_BUDGET_S = 300.0
+TIME_BUDGET_S = 280.0
 QUICK_STEPS = 3
 PER_CLASS = 8
 SAMPLING = dict(cfg_scale=3.0, temperature=1.0, top_k=0, top_p=1.0)
