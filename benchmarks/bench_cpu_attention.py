@@ -61,9 +61,10 @@ def attention_rows(repeats: int) -> list[dict]:
         q, k, v = (torch.randn(shape, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
         row: dict = {"case": f"attention fwd+bwd: {label}", "shape": str(shape)}
         for name, fn in arms.items():
-            def call(fn=fn):
-                q.grad = k.grad = v.grad = None
-                fn(q, k, v).float().sum().backward()
+            def call(fn=fn, qkv=(q, k, v)):
+                for t in qkv:
+                    t.grad = None
+                fn(*qkv).float().sum().backward()
             row[name] = round(median_ms(call, repeats), 2)
         row["speedup_eager_vs_sdpa"] = round(row["sdpa_flash_bf16_ms"] / row["eager_bf16_ms"], 2)
         rows.append(row)
