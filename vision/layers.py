@@ -226,6 +226,24 @@ def apply_rotary_emb(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------------
 # Attention
 # --------------------------------------------------------------------------------------------------
+def _repeat_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Grouped KV heads (B, Hkv, S, D) -> (B, H, S, D): query head i uses kv head i // (H / Hkv)."""
+    n_head, n_kv = q.shape[1], k.shape[1]
+    if n_head == n_kv:
+        return k, v
+    return k.repeat_interleave(n_head // n_kv, dim=1), v.repeat_interleave(n_head // n_kv, dim=1)
+
+
+def _mask_scores(scores: torch.Tensor, mask: torch.Tensor | None, is_causal: bool) -> torch.Tensor:
+    """Apply SDPA's causal triangle (top-left aligned) and a bool (True = attend) or additive mask to fp32 scores."""
+    if is_causal:
+        t, s = scores.shape[-2:]
+        scores = scores.masked_fill(~torch.ones(t, s, dtype=torch.bool, device=scores.device).tril(), float("-inf"))
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.float()
+    return scores
+
+
 def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
                   is_causal: bool = False, dropout_p: float = 0.0, scale: float | None = None) -> torch.Tensor:
     """Readable reference: ``softmax(q k^T * scale + mask) v`` in fp32, grouped KV heads repeated.
@@ -233,19 +251,10 @@ def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch
     q (B, H, T, D); k, v (B, Hkv, S, D) with H % Hkv == 0; mask bool (True = attend) or additive float,
     broadcastable to (B, H, T, S). ``is_causal`` aligns the causal triangle at the top-left (like SDPA).
     """
-    n_head, n_kv = q.shape[1], k.shape[1]
-    if n_head != n_kv:
-        k = k.repeat_interleave(n_head // n_kv, dim=1)  # (B, H, S, D): head i uses kv head i // group
-        v = v.repeat_interleave(n_head // n_kv, dim=1)
+    k, v = _repeat_kv(q, k, v)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     scores = torch.matmul(q.float(), k.float().transpose(-2, -1)) * scale  # (B, H, T, S)
-    if is_causal:
-        t, s = scores.shape[-2:]
-        causal = torch.ones(t, s, dtype=torch.bool, device=q.device).tril()
-        scores = scores.masked_fill(~causal, float("-inf"))
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.float()
-    probs = torch.softmax(scores, dim=-1)
+    probs = torch.softmax(_mask_scores(scores, mask, is_causal), dim=-1)
     if dropout_p > 0.0:
         probs = F.dropout(probs, p=dropout_p)
     return torch.matmul(probs, v.float()).to(q.dtype)  # (B, H, T, D)
@@ -259,18 +268,10 @@ def attention_eager_lowp(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask
     Used for CPU training in bf16/fp16: there SDPA's flash kernel is several times slower than these two
     matmuls (fwd+bwd of (64, 6, 65, 32) bf16: ~70 ms vs ~14 ms on 2 cores; ``benchmarks/bench_cpu_attention.py``).
     """
-    n_head, n_kv = q.shape[1], k.shape[1]
-    if n_head != n_kv:
-        k = k.repeat_interleave(n_head // n_kv, dim=1)  # (B, H, S, D)
-        v = v.repeat_interleave(n_head // n_kv, dim=1)
+    k, v = _repeat_kv(q, k, v)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     scores = torch.matmul(q, k.transpose(-2, -1)).float() * scale  # (B, H, T, S), fp32 for the softmax
-    if is_causal:
-        t, s = scores.shape[-2:]
-        scores = scores.masked_fill(~torch.ones(t, s, dtype=torch.bool, device=q.device).tril(), float("-inf"))
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.float()
-    probs = torch.softmax(scores, dim=-1).to(v.dtype)
+    probs = torch.softmax(_mask_scores(scores, mask, is_causal), dim=-1).to(v.dtype)
     if dropout_p > 0.0:
         probs = F.dropout(probs, p=dropout_p)
     return torch.matmul(probs, v)  # (B, H, T, D)
