@@ -28,7 +28,7 @@ import os
 import tempfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -36,7 +36,7 @@ from torch import nn
 
 from vision.layers import TransformerBlock, precompute_freqs_cis_2d
 
-__all__ = ["EAGLE_PRESETS", "EagleConfig", "EagleDrafter", "eagle_config", "load_eagle", "save_eagle"]
+__all__ = ["EAGLE_PRESETS", "DecodeTables", "EagleConfig", "EagleDrafter", "eagle_config", "load_eagle", "save_eagle"]
 
 
 @dataclass
@@ -79,6 +79,13 @@ def eagle_config(target_config: Any, **overrides: Any) -> EagleConfig:
     return EagleConfig(**{**base, **{k: v for k, v in overrides.items() if v is not None}})
 
 
+class DecodeTables(NamedTuple):
+    """What :meth:`EagleDrafter.decode_tables` precomputes for one target: the token half of ``fc``."""
+
+    token: torch.Tensor  # (V, C): W_e emb(x) + b for every code x
+    hidden_fc: nn.Linear  # C -> C, no bias: W_h
+
+
 class EagleDrafter(nn.Module):
     """fc + one decoder layer; ``forward(emb, hidden, positions)`` -> predicted next hidden states."""
 
@@ -105,6 +112,32 @@ class EagleDrafter(nn.Module):
             t = u.shape[1]
             return self.layer(u, self.freqs_cis[:t], is_causal=True)
         freqs = self.freqs_cis[positions.clamp(max=n_pos - 1)]  # (B, T, D/2, 2); past-the-end drafts are unused
+        return self.layer(u, freqs, positions, mask=mask, kv_len=kv_len)
+
+    @torch.no_grad()
+    def decode_tables(self, embedding: torch.Tensor) -> DecodeTables:
+        """Decoding fast path: split ``fc`` once per generation.
+
+        fc([e; h]) = (W_e e + b) + W_h h, so with ``token = E W_e^T + b`` (V, C) precomputed for every code
+        (E: the target's (V, C) token embedding) a draft step is a row lookup plus a (C -> C) product
+        instead of an embedding lookup, a concat and a (2C -> C) product (:meth:`forward_tables`)."""
+        c = self.config
+        w_tok, w_hid = self.fc.weight[:, : c.dim], self.fc.weight[:, c.dim:]  # (C, C) each
+        token = embedding.to(w_tok.dtype) @ w_tok.t()  # (V, C)
+        if self.fc.bias is not None:
+            token = token + self.fc.bias
+        hidden_fc = nn.Linear(c.dim, c.dim, bias=False, device=w_hid.device, dtype=w_hid.dtype)
+        hidden_fc.weight.copy_(w_hid)
+        return DecodeTables(token.contiguous(), hidden_fc.eval())
+
+    def forward_tables(self, tables: DecodeTables, tokens: torch.Tensor, hidden: torch.Tensor,
+                       positions: torch.Tensor, mask: torch.Tensor | None = None,
+                       kv_len: int | None = None) -> torch.Tensor:
+        """``forward(embed(tokens), hidden, positions, mask, kv_len)`` (equal up to float rounding) with
+        ``tables = decode_tables(embedding)``: tokens (B, T) int64, hidden (B, T, C) -> (B, T, C)."""
+        u = tables.token[tokens] + tables.hidden_fc(hidden.to(tables.token.dtype))  # (B, T, C)
+        n_pos = self.freqs_cis.shape[0]
+        freqs = self.freqs_cis[positions.clamp(max=n_pos - 1)]  # (B, T, D/2, 2)
         return self.layer(u, freqs, positions, mask=mask, kv_len=kv_len)
 
     def loss(self, target: nn.Module, tokens: torch.Tensor, hidden: torch.Tensor, target_logits: torch.Tensor,

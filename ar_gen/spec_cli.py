@@ -213,7 +213,8 @@ def run_arms(target: nn.Module, drafter_runner: Any, arms: list[Arm], labels: to
             _one_chunk(target, specs[arm.name], chunks[0], sampling, seed, generate)
     times = {arm.name: [0.0] * repeats for arm in arms}
     outs: dict[str, list[torch.Tensor]] = {arm.name: [] for arm in arms}
-    aggs = {arm.name: {"target_forwards": 0, "tau_num": 0.0, "tau_den": 0, "mass": 0.0} for arm in arms}
+    aggs = {arm.name: {"target_forwards": 0, "tau_num": 0.0, "tau_den": 0, "mass": 0.0, "draft_s": 0.0,
+                       "verify_s": 0.0, "accept_s": 0.0} for arm in arms}
     for rep in range(repeats):
         for i, chunk in enumerate(chunks):
             for arm in arms:  # interleaved, so that a change of machine load hits every arm alike
@@ -228,6 +229,8 @@ def run_arms(target: nn.Module, drafter_runner: Any, arms: list[Arm], labels: to
                     agg["tau_num"] += stats["mean_accepted_length"] * stats["iterations"]
                     agg["tau_den"] += stats["iterations"]
                     agg["mass"] += stats["relaxed_mass_per_image"] * chunk.shape[0]
+                    for key in ("draft_s", "verify_s", "accept_s"):
+                        agg[key] += stats.get(key, 0.0)
     for arm in arms:
         agg = aggs[arm.name]
         tokens[arm.name] = torch.cat(outs[arm.name])
@@ -240,6 +243,11 @@ def run_arms(target: nn.Module, drafter_runner: Any, arms: list[Arm], labels: to
             "target_forwards_per_call": agg["target_forwards"] / len(chunks) if arm.mode != "plain" else n_tokens,
             "mean_accepted_length": agg["tau_num"] / agg["tau_den"] if agg["tau_den"] else 1.0,
             "relaxed_mass_per_image": agg["mass"] / labels.shape[0],
+            # where one iteration's time goes (last repeat): plain decoding has one token step per iteration
+            "ms_per_iteration": 1000 * times[arm.name][-1] / max(agg["tau_den"], 1),
+            "draft_ms_per_iteration": 1000 * agg["draft_s"] / max(agg["tau_den"], 1),
+            "verify_ms_per_iteration": 1000 * agg["verify_s"] / max(agg["tau_den"], 1),
+            "accept_ms_per_iteration": 1000 * agg["accept_s"] / max(agg["tau_den"], 1),
         })
     bar.close()
     base = rows[0]["wall_s_per_image"]

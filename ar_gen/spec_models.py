@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ar_gen.eagle import EagleDrafter
+from ar_gen.eagle import DecodeTables, EagleDrafter
 from ar_gen.speculative import StepSampler
 from vision.layers import KVCache, find_multiple
 
@@ -106,6 +106,10 @@ class RowCachedGPT:
         self.gpt.clear_caches()
         self.caches = []
 
+    def packing(self, rows: int, gamma: int) -> list[tuple[nn.Module, tuple[int, ...]]]:
+        """Modules and the row counts their linears see in the loop: verification feeds G+1 tokens per row."""
+        return [(self.gpt, (rows * (gamma + 1),))]
+
     def _run(self, h: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """h (rows, T, C) embeddings at positions (rows, T) -> logits (rows, T, V), hidden (rows, T, C)."""
         gpt = self.gpt
@@ -161,6 +165,9 @@ class GPTDraftRunner:
     def setup(self, rows: int, max_seq: int) -> None:
         self.model.setup(rows, max_seq)
 
+    def packing(self, rows: int, gamma: int) -> list[tuple[nn.Module, tuple[int, ...]]]:
+        return [(self.model.gpt, (rows, 2 * rows))]  # one token per draft step, two in the first
+
     def start(self, labels: torch.Tensor, hidden0: torch.Tensor, first_token: torch.Tensor) -> None:
         self.model.prefill(labels)
         self.pending_tokens = first_token.unsqueeze(1)  # token 0 sits at position 1
@@ -201,10 +208,12 @@ class EagleDraftRunner:
 
     Pending pairs per row are the verified (token, target hidden) pairs not yet seen by the drafter;
     the first draft step processes them (padded to the longest row), later steps feed the drafter's
-    own predicted feature with the drafted token.
+    own predicted feature with the drafted token. ``split_fc`` (default) runs the steps through
+    :meth:`EagleDrafter.forward_tables` (fc's token half precomputed per code); False keeps the
+    reference ``EagleDrafter.forward``.
     """
 
-    def __init__(self, drafter: EagleDrafter, target: nn.Module):
+    def __init__(self, drafter: EagleDrafter, target: nn.Module, split_fc: bool = True):
         tc, dc = target.config, drafter.config
         if (tc.dim, tc.vocab_size, tc.grid_h, tc.grid_w) != (dc.dim, dc.vocab_size, dc.grid_h, dc.grid_w):
             raise ValueError(f"EAGLE drafter (dim={dc.dim}, vocab={dc.vocab_size}, grid={dc.grid_h}x{dc.grid_w}) "
@@ -213,6 +222,9 @@ class EagleDraftRunner:
         self.drafter = drafter.eval()
         self.target = target
         self.caches: list[RowKVCache] = []
+        self.split_fc = split_fc  # False: the reference step (embedding lookup, concat, full fc)
+        self.tables: DecodeTables | None = None  # fc split for decoding (EagleDrafter.decode_tables)
+        self._tables_key: tuple | None = None
         self.pending_tokens: torch.Tensor | None = None  # (rows, M) x_{t+1}
         self.pending_hidden: torch.Tensor | None = None  # (rows, M, C) h_t
         self.pending_pos: torch.Tensor | None = None  # (rows, M) drafter index t
@@ -227,6 +239,17 @@ class EagleDraftRunner:
         param = next(self.drafter.parameters())
         self.caches = install_row_caches([self.drafter.layer], rows, max_seq, c.n_kv_head or c.n_head, c.head_dim,
                                          param.dtype, param.device)
+        emb = self.target.tok_embeddings.weight
+        key = tuple((t.data_ptr(), t._version, t.device, t.dtype) for t in (emb, self.drafter.fc.weight))
+        if not self.split_fc:
+            self.tables, self._tables_key = None, None
+        elif key != self._tables_key:  # recomputed only when the weights changed
+            self.tables, self._tables_key = self.drafter.decode_tables(emb), key
+
+    def packing(self, rows: int, gamma: int) -> list[tuple[nn.Module, tuple[int, ...]]]:
+        """The drafter layer, its hidden-state fc and the shared head run on ``rows`` rows per draft step."""
+        specs = [(self.drafter.layer, (rows,)), (self.target.output, (rows,))]
+        return specs + ([(self.tables.hidden_fc, (rows,))] if self.tables is not None else [])
 
     def start(self, labels: torch.Tensor, hidden0: torch.Tensor, first_token: torch.Tensor) -> None:
         self.pending_tokens = first_token.unsqueeze(1)
@@ -236,8 +259,10 @@ class EagleDraftRunner:
 
     def _step(self, tokens: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         kv_len = int(positions.max()) + 1
-        emb = self.target.embed_tokens(tokens)
-        return self.drafter(emb, hidden, positions, mask=row_mask(positions, kv_len), kv_len=kv_len)
+        mask = row_mask(positions, kv_len)
+        if self.tables is not None:  # fast path: fc's token half precomputed per code
+            return self.drafter.forward_tables(self.tables, tokens, hidden, positions, mask=mask, kv_len=kv_len)
+        return self.drafter(self.target.embed_tokens(tokens), hidden, positions, mask=mask, kv_len=kv_len)
 
     @torch.no_grad()
     def draft(self, gamma: int, sampler: StepSampler, first_step: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -37,6 +37,7 @@ import torch
 
 from ar_gen.acceptance import AcceptanceConfig, NeighbourTable, verify_chain
 from ar_gen.sampling import SamplingConfig, cfg_scale_at, draw_categorical, top_k_top_p_filter
+from vision.layers import packed_linears
 
 DRAFT_MODES = ("sample", "top1")
 
@@ -180,6 +181,9 @@ class SpecStats:
     relaxed_mass_per_image: float = 0.0  # sum of c_{j*} per image (realised TV budget)
     wall_s: float = 0.0
     tokens_per_s: float = 0.0
+    draft_s: float = 0.0  # wall-clock inside drafter.draft (all iterations)
+    verify_s: float = 0.0  # target forwards of the drafted chunks (prefill excluded)
+    accept_s: float = 0.0  # target probabilities + acceptance rule (verify_chain)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -200,42 +204,13 @@ def _double(x: torch.Tensor, use_cfg: bool) -> torch.Tensor:
     return torch.cat([x, x], dim=0) if use_cfg else x
 
 
-@torch.no_grad()
-def speculative_generate(target: CachedTarget, drafter: Drafter, labels: torch.Tensor, num_tokens: int,
-                         gamma: int = 4, acceptance: AcceptanceConfig | None = None,
-                         sampling: SamplingConfig | None = None, table: NeighbourTable | None = None,
-                         generator: torch.Generator | None = None, null_class: int | None = None,
-                         draft: str = "sample") -> SpecOutput:
-    """Generate ``num_tokens`` image tokens per label with chain speculative decoding.
-
-    labels (B,) class ids; with CFG (``sampling.cfg_scale != 1``) the uncond stream uses ``null_class``.
-    Greedy sampling (``sampling.greedy`` or temperature 0) verifies by argmax. ``draft``: "sample"
-    (x ~ q, accept with min(1, p~(x)/q(x)), residual norm((p - q)+): the acceptance probability is
-    sum_x min(p~, q), far above p(top-1) on the flat distributions of visual AR) or "top1" (deterministic
-    drafts, accept with min(1, p~(x)), LANTERN's dynamic-tree rule on a chain); both are lossless at
-    delta = 0. Drafters that return no q (the n-gram table) are verified as top-1 drafts. Returns tokens
-    (B, N) and :class:`SpecStats`.
-    """
-    acceptance = acceptance or AcceptanceConfig("exact")
-    sampling = sampling or SamplingConfig()
-    if gamma < 1:
-        raise ValueError(f"gamma must be >= 1, got {gamma}")
-    if acceptance.relaxed and table is None:
-        raise ValueError("LANTERN acceptance needs a NeighbourTable (from the tokenizer's codebook_embeddings())")
-    use_cfg = sampling.uses_cfg
-    if use_cfg and null_class is None:
-        raise ValueError("CFG needs null_class (the label of the unconditional stream)")
-    t0 = time.perf_counter()
+def _decode_loop(target: CachedTarget, drafter: Drafter, labels: torch.Tensor, num_tokens: int, gamma: int,
+                 acceptance: AcceptanceConfig, sampler: StepSampler, table: NeighbourTable | None,
+                 generator: torch.Generator | None, null_class: int | None, use_cfg: bool):
+    """Prefill, then draft / verify / roll back until every row has ``num_tokens`` tokens.
+    Returns (seq (B, N+G+1), lens (B,), stats, history of (n_accepted, active, relaxed mass) per iteration)."""
     batch = labels.shape[0]
-    rows = 2 * batch if use_cfg else batch
     device = labels.device
-    if draft not in DRAFT_MODES:
-        raise ValueError(f"draft must be one of {DRAFT_MODES}, got {draft!r}")
-    sampler = StepSampler(sampling, num_tokens, generator, draft=draft)
-    # finished rows keep running (static batch): chunk starts <= N+G, drafter positions <= N+3G
-    max_seq = num_tokens + 3 * gamma + 2
-    target.setup(rows, max_seq)
-    drafter.setup(rows, max_seq)
     all_labels = torch.cat([labels, torch.full_like(labels, null_class)]) if use_cfg else labels
 
     logits0, hidden0 = target.prefill(all_labels)  # (rows, V), (rows, C)
@@ -250,16 +225,24 @@ def speculative_generate(target: CachedTarget, drafter: Drafter, labels: torch.T
     last = first
     arange = torch.arange(gamma + 1, device=device)
     history: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (n_acc, active, mass) per iteration
+    clock = time.perf_counter
     while int(lens.min()) < num_tokens:
+        t0 = clock()
         drafts, q = drafter.draft(gamma, sampler, lens)  # (B, G), (B, G, V); d_i is token index lens+i-1
         stats.drafter_forwards += gamma
+        t1 = clock()
         fed = torch.cat([last.unsqueeze(1), drafts], dim=1)  # (B, G+1)
         start = lens  # target position of `last` (position 0 is the condition; token i sits at i+1)
         positions = start.unsqueeze(1) + arange  # (B, G+1); logits at position t predict token index t
         logits, hidden = target.forward_rows(_double(fed, use_cfg), _double(positions, use_cfg))
         stats.target_forwards += 1
+        t2 = clock()
         p = sampler.probs(logits, positions)  # (B, G+1, V)
         res = verify_chain(p, q, drafts, acceptance, table, generator, greedy=sampler.greedy)
+        t3 = clock()
+        stats.draft_s += t1 - t0
+        stats.verify_s += t2 - t1
+        stats.accept_s += t3 - t2
         n_acc = res.n_accepted
         active = lens < num_tokens  # rows that still needed tokens (statistics count only those)
         history.append((n_acc, active, res.relaxed_mass))
@@ -276,6 +259,50 @@ def speculative_generate(target: CachedTarget, drafter: Drafter, labels: torch.T
         drafter.commit(_double(n_acc, use_cfg), _double(fed, use_cfg), _double(new, use_cfg), hidden,
                        _double(start, use_cfg))
         stats.iterations += 1
+    return seq, lens, stats, history
+
+
+@torch.no_grad()
+def speculative_generate(target: CachedTarget, drafter: Drafter, labels: torch.Tensor, num_tokens: int,
+                         gamma: int = 4, acceptance: AcceptanceConfig | None = None,
+                         sampling: SamplingConfig | None = None, table: NeighbourTable | None = None,
+                         generator: torch.Generator | None = None, null_class: int | None = None,
+                         draft: str = "sample", packed_weights: bool = True) -> SpecOutput:
+    """Generate ``num_tokens`` image tokens per label with chain speculative decoding.
+
+    labels (B,) class ids; with CFG (``sampling.cfg_scale != 1``) the uncond stream uses ``null_class``.
+    Greedy sampling (``sampling.greedy`` or temperature 0) verifies by argmax. ``draft``: "sample"
+    (x ~ q, accept with min(1, p~(x)/q(x)), residual norm((p - q)+): the acceptance probability is
+    sum_x min(p~, q), far above p(top-1) on the flat distributions of visual AR) or "top1" (deterministic
+    drafts, accept with min(1, p~(x)), LANTERN's dynamic-tree rule on a chain); both are lossless at
+    delta = 0. Drafters that return no q (the n-gram table) are verified as top-1 drafts.
+    ``packed_weights``: the fp32 CPU linears of target and drafter run on MKL-packed weights for the row
+    counts the loop uses (``packing(rows, gamma)`` of each model; :class:`vision.layers.packed_linears`),
+    as plain decoding does. Returns tokens (B, N) and :class:`SpecStats`.
+    """
+    acceptance = acceptance or AcceptanceConfig("exact")
+    sampling = sampling or SamplingConfig()
+    if gamma < 1:
+        raise ValueError(f"gamma must be >= 1, got {gamma}")
+    if acceptance.relaxed and table is None:
+        raise ValueError("LANTERN acceptance needs a NeighbourTable (from the tokenizer's codebook_embeddings())")
+    use_cfg = sampling.uses_cfg
+    if use_cfg and null_class is None:
+        raise ValueError("CFG needs null_class (the label of the unconditional stream)")
+    t0 = time.perf_counter()
+    batch = labels.shape[0]
+    rows = 2 * batch if use_cfg else batch
+    if draft not in DRAFT_MODES:
+        raise ValueError(f"draft must be one of {DRAFT_MODES}, got {draft!r}")
+    sampler = StepSampler(sampling, num_tokens, generator, draft=draft)
+    # finished rows keep running (static batch): chunk starts <= N+G, drafter positions <= N+3G
+    max_seq = num_tokens + 3 * gamma + 2
+    target.setup(rows, max_seq)
+    drafter.setup(rows, max_seq)
+    specs = [spec for model in (target, drafter) if hasattr(model, "packing") for spec in model.packing(rows, gamma)]
+    with packed_linears.of(specs, enabled=packed_weights):
+        seq, _, stats, history = _decode_loop(target, drafter, labels, num_tokens, gamma, acceptance, sampler,
+                                              table, generator, null_class, use_cfg)
     stats.wall_s = time.perf_counter() - t0
     n_hist = torch.stack([h[0] for h in history]).cpu()  # (iters, B)
     act = torch.stack([h[1] for h in history]).cpu()

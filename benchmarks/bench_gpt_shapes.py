@@ -10,7 +10,8 @@ Inputs default to what ``make demo`` leaves in ``runs/demo/`` (``shards/``, ``to
 the demo's 3-minute tokenizer caps class consistency at 40-70%, so the recipe's numbers use the 15-minute
 tokenizer of ``configs/vqgan_tiny_shapes.yaml`` (header) and its shards (README: the recipe end to end).
 
-Run: ``.venv/bin/python benchmarks/bench_gpt_shapes.py [--gpt CKPT] [--cfg 1.5 3 5]``
+Run: ``.venv/bin/python benchmarks/bench_gpt_shapes.py [--gpt CKPT] [--cfg 1.5 3 5] [--top-k 0 100]
+[--temperature 1.0 0.9]`` (every combination of the listed settings is sampled).
 """
 
 from __future__ import annotations
@@ -37,7 +38,9 @@ def main() -> int:
     ap.add_argument("--classifier", type=Path, default=Path("runs/demo/classifier"))
     ap.add_argument("--per-class", type=int, default=16)
     ap.add_argument("--cfg", type=float, nargs="+", default=[1.5, 3.0, 5.0])
-    ap.add_argument("--top-k", type=int, default=0)
+    ap.add_argument("--top-k", type=int, nargs="+", default=[0], help="top-k value(s) (0: off)")
+    ap.add_argument("--temperature", type=float, nargs="+", default=[1.0], help="sampling temperature(s)")
+    ap.add_argument("--name", default="gpt_shapes", help="results go to runs/bench/<name>/")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--root", default="runs/gpt_tiny_shapes", help="training output folder (recipe default)")
     args = ap.parse_args()
@@ -70,14 +73,15 @@ def main() -> int:
     labels = torch.arange(c.num_classes).repeat_interleave(args.per_class)
     rows = []
     threads = torch.get_num_threads()
-    for s in args.cfg:
-        sampling = SamplingConfig(cfg_scale=s, top_k=args.top_k)
+    settings = [(s, k, t) for s in args.cfg for k in args.top_k for t in args.temperature]
+    for s, k, t in settings:
+        sampling = SamplingConfig(cfg_scale=s, top_k=k, temperature=t)
         torch.set_num_threads(1)  # tiny decode steps
         tokens, stats = sample_tokens(model, labels, sampling, batch_size=120, seed=args.seed, desc=f"cfg {s}")
         torch.set_num_threads(threads)
         images, _ = decode_tokens(tokenizer, tokens)
         sc = evaluate_images(images, labels, args.classifier, "test", 2000, args.seed)
-        rows.append({"setting": f"GPT samples, cfg {s}, top-k {args.top_k or 'off'}", "images": len(labels),
+        rows.append({"setting": f"GPT samples, cfg {s}, top-k {k or 'off'}, temperature {t:g}", "images": len(labels),
                      "class_accuracy": round(sc["class_accuracy"], 4), "frechet": round(sc["frechet_distance"], 3),
                      "real_floor": round(sc["frechet_real_floor"], 3),
                      "sample_s": round(stats["sampling_seconds"], 1)})
@@ -92,7 +96,7 @@ def main() -> int:
     meta_out = {"gpt": str(args.gpt), "gpt_config": meta.get("config"), "train_seconds": train_s,
                 "config": CONFIG if train_s is not None else None, "per_class": args.per_class, "seed": args.seed,
                 "goal": "class accuracy >= 0.90", "command": " ".join(["python", *sys.argv])}
-    save_table("gpt_shapes", rows, meta_out)
+    save_table(args.name, rows, meta_out)
     return 0
 
 

@@ -207,6 +207,15 @@ def main(argv: list[str] | None = None) -> int:
             ref = "exact (n-gram)" if name.endswith("(n-gram)") else "exact " + name.split()[-1]
             exact = by_key.get((ref, row["batch"]))
             row["vs_exact"] = row["speedup"] / exact["speedup"] if exact else None
+    # Cost model from the same runs: where the time of one draft-and-verify iteration goes. At a fixed
+    # iteration cost the speed-up is proportional to tau, so the tau a 1.75x speed-up would need, and the
+    # speed-up if drafting were free (same iterations, draft time removed), follow from measured numbers.
+    for row in rows:
+        if row["arm"] == "plain" or not row["speedup"]:
+            continue
+        it, draft = row["ms_per_iteration"], row["draft_ms_per_iteration"]
+        row["tau_for_1.75x"] = 1.75 * row["mean_accepted_length"] / row["speedup"]
+        row["speedup_if_drafts_free"] = row["speedup"] * it / max(it - draft, 1e-9)
     meta = {
         "target": str(gpt_path), "tokenizer": str(tok_path), "drafter": train_note, "gamma": args.gamma,
         "drafts": f"EAGLE arms: {args.draft} (x ~ q: accept min(1, p~/q); top1: q(x) = 1); n-gram arms: top1",
@@ -220,7 +229,11 @@ def main(argv: list[str] | None = None) -> int:
     notes = ("speedup = plain wall-clock / arm wall-clock at the same batch size; vs_exact = a LANTERN arm's "
              "speedup / the exact arm's with the same drafter, gamma and batch (the ratio LANTERN's paper "
              "headlines); target_forwards_per_call counts batched target forwards per generate call (prefill "
-             "included); mean_accepted_length = tokens per target verification (bonus included).")
+             "included); mean_accepted_length = tokens per target verification (bonus included). "
+             "ms_per_iteration splits into draft / verify (target forward) / accept (probabilities + rule) / rest; "
+             "plain rows: one token step. tau_for_1.75x = the mean accepted length a 1.75x speed-up would need "
+             "at this iteration cost (more than gamma + 1 means out of reach for the chain); "
+             "speedup_if_drafts_free = the speed-up with the same iterations minus the drafting time.")
     save_table(args.name, rows, meta, notes=notes)
     return 0
 

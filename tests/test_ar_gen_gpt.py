@@ -363,3 +363,28 @@ def test_packed_linears_match_f_linear_and_restore():
     fast = generate(model, labels, greedy, packed_weights=True)
     slow = generate(model, labels, greedy, packed_weights=False)
     assert torch.equal(fast, slow)
+
+
+def test_packed_linears_several_row_counts_and_modules():
+    from vision.layers import packed_linear_available, packed_linears
+
+    if not packed_linear_available():
+        pytest.skip("this torch build has no MKL packed sgemm ops (non-x86 or VTW_PACKED_LINEAR=0)")
+    torch.manual_seed(0)
+    model = tiny(vocab_size=64, block_size=16).eval()
+    head, wqkv = model.output, model.layers[0].attention.wqkv
+    x = torch.randn(8, model.config.dim)
+    with torch.no_grad():
+        ref_head, ref_qkv = head(x), wqkv(x)
+        # the head is reached through both specs: it gets both row counts, the other linears only 8;
+        # row counts below PACKED_MIN_ROWS (2 here) stay on F.linear
+        with packed_linears.of([(model, 8), (head, (2, 5, 8))]) as packed:
+            assert head.forward.packed_rows == (5, 8) and wqkv.forward.packed_rows == (8,)
+            assert len(packed.patched) == len({id(m) for m in model.modules() if isinstance(m, torch.nn.Linear)})
+            torch.testing.assert_close(head(x), ref_head, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(head(x[:5]), ref_head[:5], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(head(x[:2]), ref_head[:2], atol=1e-6, rtol=1e-6)
+            torch.testing.assert_close(wqkv(x[:2]), ref_qkv[:2], atol=1e-6, rtol=1e-6)  # F.linear fallback
+        assert not any("forward" in m.__dict__ for m in model.modules())
+    with pytest.raises(ValueError, match="row counts must be >= 1"):
+        packed_linears(model, rows=(0, 2))

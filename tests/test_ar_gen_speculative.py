@@ -222,3 +222,44 @@ def test_ngram_table_learns_a_deterministic_rule_and_round_trips() -> None:
     assert torch.equal(pred, tokens[:, 1:].reshape(-1))
     again = NGramTable.from_state_dict(table.state_dict())
     assert torch.equal(again.lookup(labels, left[:, 3], up[:, 3]), tokens[:, 4])
+
+
+def test_eagle_split_fc_step_matches_reference_forward() -> None:
+    target = _gpt(5)
+    drafter = _eagle(target, 6)
+    torch.nn.init.normal_(drafter.fc.bias, std=0.3)  # a non-zero bias must land in the token table once
+    tokens = torch.randint(0, 24, (3, 5), generator=torch.Generator().manual_seed(0))
+    hidden = torch.randn(3, 5, 32, generator=torch.Generator().manual_seed(1))
+    positions = torch.arange(5).expand(3, -1)
+    tables = drafter.decode_tables(target.tok_embeddings.weight)
+    assert tables.token.shape == (24, 32)
+    with torch.no_grad():
+        ref_runner, fast_runner = EagleDraftRunner(drafter, target, split_fc=False), EagleDraftRunner(drafter, target)
+        outs = []
+        for runner in (ref_runner, fast_runner):
+            runner.setup(3, 16)
+            outs.append(runner._step(tokens, hidden, positions))
+        assert ref_runner.tables is None and fast_runner.tables is not None
+        full = drafter(target.embed_tokens(tokens), hidden)  # uncached causal reference
+    torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(outs[0], full, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("drafter_kind", ["gpt", "eagle"])
+def test_packed_weights_and_split_fc_do_not_change_greedy_speculative_tokens(drafter_kind: str) -> None:
+    target = _gpt(7)
+    labels = torch.tensor([0, 3, 1])
+    sampling = SamplingConfig(cfg_scale=2.0, greedy=True)
+    outs = []
+    for fast in (False, True):
+        if drafter_kind == "gpt":
+            drafter = GPTDraftRunner(_gpt(8, dim=16, layers=1))
+        else:
+            drafter = EagleDraftRunner(_eagle(target, 9), target, split_fc=fast)
+        out = speculative_generate(RowCachedGPT(target), drafter, labels, 16, gamma=3, sampling=sampling,
+                                   null_class=4, packed_weights=fast)
+        outs.append(out)
+    assert torch.equal(outs[0].tokens, outs[1].tokens)
+    assert outs[0].stats.target_forwards == outs[1].stats.target_forwards
+    # the context manager restored every linear
+    assert not any("forward" in m.__dict__ for m in target.modules() if isinstance(m, torch.nn.Linear))

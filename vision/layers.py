@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Iterable
 from typing import Literal
 
 import torch
@@ -314,42 +315,75 @@ def packed_linear_available() -> bool:
         return False
 
 
+# Below this many rows MKL's unpacked path (gemv-like) is as fast or faster than the packed one; from 4 rows
+# on packing wins (1.3-2.8x per call at 192..2048 wide, ``benchmarks/bench_ar_decode.py`` / session notes).
+PACKED_MIN_ROWS = 4
+
+
+def _row_counts(rows: int | Iterable[int]) -> tuple[int, ...]:
+    counts = tuple(sorted({int(r) for r in ([rows] if isinstance(rows, int) else rows)}))
+    if any(r < 1 for r in counts):
+        raise ValueError(f"packed_linears: row counts must be >= 1, got {counts}")
+    return counts
+
+
 class packed_linears:  # noqa: N801  (used as a context manager, like torch.no_grad)
     """``with packed_linears(model, rows): ...`` -- fp32 CPU ``nn.Linear`` layers under ``model`` multiply
     inputs with exactly ``rows`` rows (after flattening the leading dims) by MKL-packed copies of their
     weights; other inputs use ``F.linear``. Packing is done once on entry (extra memory: one packed copy
-    of those weights, freed on exit); the original forward is restored on exit. A no-op when
-    :func:`packed_linear_available` is False or ``enabled`` is False. Inference only (no autograd)."""
+    of those weights per row count, freed on exit); the original forward is restored on exit. A no-op
+    when :func:`packed_linear_available` is False or ``enabled`` is False. Inference only (no autograd).
 
-    def __init__(self, module: nn.Module, rows: int, enabled: bool = True) -> None:
-        self.module, self.rows = module, int(rows)
+    Row counts below ``PACKED_MIN_ROWS`` (4) are not packed: there MKL's plain path is as fast (measured
+    on 192..2048-wide layers at 1-16 rows). ``rows`` may be several row counts (MKL packs a weight for
+    one row count, so each gets its own copy),
+    and ``packed_linears.of([(module, rows), ...])`` packs several modules with their own row counts; a
+    linear reached through two of them gets the union (speculative decoding: the target's layers see
+    ``rows x (gamma + 1)`` rows, its output head also the drafter's ``rows``)."""
+
+    def __init__(self, module: nn.Module, rows: int | Iterable[int], enabled: bool = True) -> None:
+        self.specs = [(module, _row_counts(rows))]
         self.enabled = enabled and packed_linear_available()
         self.patched: list[nn.Linear] = []
+
+    @classmethod
+    def of(cls, specs: Iterable[tuple[nn.Module, int | Iterable[int]]], enabled: bool = True) -> packed_linears:
+        out = cls(nn.Identity(), (), enabled)
+        out.specs = [(module, _row_counts(rows)) for module, rows in specs]
+        return out
 
     def __enter__(self) -> packed_linears:
         if not self.enabled:
             return self
-        for lin in self.module.modules():
-            w = lin.weight if isinstance(lin, nn.Linear) else None
-            if w is None or w.device.type != "cpu" or w.dtype != torch.float32 or "forward" in lin.__dict__:
-                continue
-            packed = torch.ops.mkl._mkl_reorder_linear_weight(w.detach(), self.rows)
-            lin.forward = self._packed_forward(lin, packed, self.rows)
-            self.patched.append(lin)
+        wanted: dict[int, tuple[nn.Linear, set[int]]] = {}
+        for module, rows in self.specs:
+            for lin in module.modules():
+                w = lin.weight if isinstance(lin, nn.Linear) else None
+                if w is None or w.device.type != "cpu" or w.dtype != torch.float32 or "forward" in lin.__dict__:
+                    continue
+                wanted.setdefault(id(lin), (lin, set()))[1].update(r for r in rows if r >= PACKED_MIN_ROWS)
+        for lin, rows in wanted.values():
+            if rows:
+                w = lin.weight.detach()
+                packed = {r: torch.ops.mkl._mkl_reorder_linear_weight(w, r) for r in sorted(rows)}
+                lin.forward = self._packed_forward(lin, packed)
+                self.patched.append(lin)
         return self
 
     @staticmethod
-    def _packed_forward(lin: nn.Linear, packed: torch.Tensor, rows: int):
+    def _packed_forward(lin: nn.Linear, packed: dict[int, torch.Tensor]):
         weight = lin.weight.detach()  # detached once: the hot path does no per-call autograd bookkeeping
         bias = None if lin.bias is None else lin.bias.detach()
 
         def forward(x: torch.Tensor) -> torch.Tensor:
-            flat = x.reshape(-1, x.shape[-1]).contiguous()  # (rows, C_in) on the fast path
-            if flat.shape[0] != rows or x.dtype != torch.float32 or torch.is_grad_enabled():
+            flat = x.reshape(-1, x.shape[-1])  # (rows, C_in) on the fast path
+            pw = packed.get(flat.shape[0])
+            if pw is None or x.dtype != torch.float32 or torch.is_grad_enabled():
                 return F.linear(x, lin.weight, lin.bias)
-            out = torch.ops.mkl._mkl_linear(flat, packed, weight, bias, rows)
+            out = torch.ops.mkl._mkl_linear(flat.contiguous(), pw, weight, bias, flat.shape[0])
             return out.view(*x.shape[:-1], out.shape[-1])  # (..., C_out)
 
+        forward.packed_rows = tuple(sorted(packed))  # the row counts with a packed copy (introspection)
         return forward
 
     def __exit__(self, *exc) -> None:
