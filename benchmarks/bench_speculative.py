@@ -10,7 +10,8 @@ space against real shapes images.
     .venv/bin/python benchmarks/bench_speculative.py --gpt runs/demo/gpt --tokenizer runs/demo/tokenizer \
         --drafter runs/demo/speculative/drafter --classifier runs/demo/classifier
 
-Without --drafter an EAGLE drafter is trained first on --shards for --train-seconds.
+Without --drafter an EAGLE drafter is trained first on --shards for --train-seconds (with --shards the
+demo folder's drafter and n-gram table are not used: they belong to the demo's GPT).
 Writes runs/bench/speculative/results.{md,json}.
 """
 
@@ -38,6 +39,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ngram", type=Path, default=None,
                    help="n-gram drafter table (.safetensors); default <demo>/speculative/ngram.safetensors if present")
     p.add_argument("--ngram-gamma", type=int, default=4)
+    p.add_argument("--no-ngram", action="store_true", help="leave out the n-gram drafter arms")
     p.add_argument("--train-seconds", type=float, default=120.0)
     p.add_argument("--gamma", type=int, nargs="+", default=[3],
                    help="EAGLE chain length(s); the exact and LANTERN arms are run for each")
@@ -132,8 +134,15 @@ def main(argv: list[str] | None = None) -> int:
     gpt_path = _path(args.gpt, demo / "gpt", "gpt")
     tok_path = _path(args.tokenizer, demo / "tokenizer", "tokenizer")
     classifier = _path(args.classifier, demo / "classifier", "classifier", required=False)
-    drafter_path = _path(args.drafter, demo / "speculative" / "drafter", "drafter", required=False)
-    if args.ngram is None and (demo / "speculative" / "ngram.safetensors").is_file():
+    # with --shards (and no --drafter / --ngram) the drafters are trained for this target, never taken
+    # from the demo folder (whose drafter belongs to the demo's GPT)
+    if args.drafter is not None:
+        drafter_path = _path(args.drafter, args.drafter, "drafter")
+    elif args.shards is None:
+        drafter_path = _path(None, demo / "speculative" / "drafter", "drafter", required=False)
+    else:
+        drafter_path = None
+    if args.ngram is None and args.shards is None and (demo / "speculative" / "ngram.safetensors").is_file():
         args.ngram = demo / "speculative" / "ngram.safetensors"
     if drafter_path is None and args.shards is None:
         raise SystemExit("bench_speculative: no drafter found; pass --drafter or --shards to train one")
@@ -149,9 +158,14 @@ def main(argv: list[str] | None = None) -> int:
     else:
         batches = token_batches(args.shards, batch_size=64, max_batches=200, seed=args.seed)
         t0 = time.perf_counter()
-        drafter, log = train_eagle(target, batches, steps=100000, lr=2e-3, time_budget_s=args.train_seconds)
+        from workbench.runtime import default_precision
+
+        bf16 = default_precision() == "bf16-mixed"  # CPUs with bf16 matrix units: more steps in the budget
+        drafter, log = train_eagle(target, batches, steps=100000, lr=2e-3, time_budget_s=args.train_seconds,
+                                   autocast_dtype=torch.bfloat16 if bf16 else None)
         save_eagle(drafter, Path("runs/bench") / args.name / "drafter")
-        train_note = f"drafter trained {time.perf_counter() - t0:.0f} s, {log[-1]['step'] + 1} steps"
+        train_note = (f"drafter trained {time.perf_counter() - t0:.0f} s, {log[-1]['step'] + 1} steps"
+                      f"{' (bf16 autocast)' if bf16 else ''}")
     drafter = drafter.to(device)
     runner = EagleDraftRunner(drafter, target)
     sampling = SamplingConfig(cfg_scale=args.cfg, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
@@ -162,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         arms += [Arm(f"exact g={g}", "exact", draft=args.draft, gamma=g)]
         arms += [Arm(f"lantern k={k} d={d} g={g}", "lantern", k, d, draft=args.draft, gamma=g)
                  for k in args.ks for d in args.deltas]
-    if args.ngram is not None or args.shards is not None:  # the n-gram drafter (beyond the issue)
+    if not args.no_ngram and (args.ngram is not None or args.shards is not None):  # n-gram drafter (beyond the issue)
         from ar_gen.spec_models import NGramDraftRunner, NGramTable
 
         if args.ngram is not None:
