@@ -315,8 +315,8 @@ def packed_linear_available() -> bool:
         return False
 
 
-# Below this many rows MKL's unpacked path (gemv-like) is as fast or faster than the packed one; from 4 rows
-# on packing wins (1.3-2.8x per call at 192..2048 wide, ``benchmarks/bench_ar_decode.py`` / session notes).
+# Below this many rows MKL's unpacked path (gemv-like) is as fast as the packed one or faster; from 4 rows on
+# packing wins (``benchmarks/bench_packed_linear.py``: 192- to 2048-wide layers at 1-16 rows).
 PACKED_MIN_ROWS = 4
 
 
@@ -334,12 +334,12 @@ class packed_linears:  # noqa: N801  (used as a context manager, like torch.no_g
     of those weights per row count, freed on exit); the original forward is restored on exit. A no-op
     when :func:`packed_linear_available` is False or ``enabled`` is False. Inference only (no autograd).
 
-    Row counts below ``PACKED_MIN_ROWS`` (4) are not packed: there MKL's plain path is as fast (measured
-    on 192..2048-wide layers at 1-16 rows). ``rows`` may be several row counts (MKL packs a weight for
-    one row count, so each gets its own copy),
-    and ``packed_linears.of([(module, rows), ...])`` packs several modules with their own row counts; a
-    linear reached through two of them gets the union (speculative decoding: the target's layers see
-    ``rows x (gamma + 1)`` rows, its output head also the drafter's ``rows``)."""
+    Row counts below ``PACKED_MIN_ROWS`` (4) are not packed: there MKL's plain path is as fast
+    (``benchmarks/bench_packed_linear.py``). ``rows`` may be several row counts (MKL packs a weight for
+    one row count, so each gets its own copy), and ``packed_linears.of([(module, rows), ...])`` packs
+    several modules with their own row counts; a linear reached through two of them gets the union
+    (speculative decoding: the target's layers see ``rows x (gamma + 1)`` rows, its output head also the
+    drafter's ``rows``)."""
 
     def __init__(self, module: nn.Module, rows: int | Iterable[int], enabled: bool = True) -> None:
         self.specs = [(module, _row_counts(rows))]
