@@ -208,7 +208,7 @@ def _decode_loop(target: CachedTarget, drafter: Drafter, labels: torch.Tensor, n
                  acceptance: AcceptanceConfig, sampler: StepSampler, table: NeighbourTable | None,
                  generator: torch.Generator | None, null_class: int | None, use_cfg: bool):
     """Prefill, then draft / verify / roll back until every row has ``num_tokens`` tokens.
-    Returns (seq (B, N+G+1), lens (B,), stats, history of (n_accepted, active, relaxed mass) per iteration)."""
+    Returns (seq (B, N+G+1), stats, history of (n_accepted, active, relaxed mass) per iteration)."""
     batch = labels.shape[0]
     device = labels.device
     all_labels = torch.cat([labels, torch.full_like(labels, null_class)]) if use_cfg else labels
@@ -259,7 +259,7 @@ def _decode_loop(target: CachedTarget, drafter: Drafter, labels: torch.Tensor, n
         drafter.commit(_double(n_acc, use_cfg), _double(fed, use_cfg), _double(new, use_cfg), hidden,
                        _double(start, use_cfg))
         stats.iterations += 1
-    return seq, lens, stats, history
+    return seq, stats, history
 
 
 @torch.no_grad()
@@ -301,8 +301,8 @@ def speculative_generate(target: CachedTarget, drafter: Drafter, labels: torch.T
     drafter.setup(rows, max_seq)
     specs = [spec for model in (target, drafter) if hasattr(model, "packing") for spec in model.packing(rows, gamma)]
     with packed_linears.of(specs, enabled=packed_weights):
-        seq, _, stats, history = _decode_loop(target, drafter, labels, num_tokens, gamma, acceptance, sampler,
-                                              table, generator, null_class, use_cfg)
+        seq, stats, history = _decode_loop(target, drafter, labels, num_tokens, gamma, acceptance, sampler,
+                                           table, generator, null_class, use_cfg)
     stats.wall_s = time.perf_counter() - t0
     n_hist = torch.stack([h[0] for h in history]).cpu()  # (iters, B)
     act = torch.stack([h[1] for h in history]).cpu()

@@ -10,7 +10,7 @@ Inputs default to what ``make demo`` leaves in ``runs/demo/`` (``shards/``, ``to
 the demo's 3-minute tokenizer caps class consistency at 40-70%, so the recipe's numbers use the 15-minute
 tokenizer of ``configs/vqgan_tiny_shapes.yaml`` (header) and its shards (README: the recipe end to end).
 
-Run: ``.venv/bin/python benchmarks/bench_gpt_shapes.py [--gpt CKPT] [--cfg 1.5 3 5] [--top-k 0 100]
+Run: ``.venv/bin/python benchmarks/bench_gpt_shapes.py [--gpt CKPT] [--cfg 2 3 4] [--top-k 0 100]
 [--temperature 1.0 0.9]`` (every combination of the listed settings is sampled).
 """
 
@@ -37,7 +37,7 @@ def main() -> int:
     ap.add_argument("--tokenizer", type=Path, default=Path("runs/demo/tokenizer"))
     ap.add_argument("--classifier", type=Path, default=Path("runs/demo/classifier"))
     ap.add_argument("--per-class", type=int, default=16)
-    ap.add_argument("--cfg", type=float, nargs="+", default=[1.5, 3.0, 5.0])
+    ap.add_argument("--cfg", type=float, nargs="+", default=[2.0, 3.0, 4.0])
     ap.add_argument("--top-k", type=int, nargs="+", default=[0], help="top-k value(s) (0: off)")
     ap.add_argument("--temperature", type=float, nargs="+", default=[1.0], help="sampling temperature(s)")
     ap.add_argument("--name", default="gpt_shapes", help="results go to runs/bench/<name>/")

@@ -348,7 +348,7 @@ class packed_linears:  # noqa: N801  (used as a context manager, like torch.no_g
 
     @classmethod
     def of(cls, specs: Iterable[tuple[nn.Module, int | Iterable[int]]], enabled: bool = True) -> packed_linears:
-        out = cls(nn.Identity(), (), enabled)
+        out = cls(nn.Identity(), (), enabled)  # an empty placeholder spec, replaced by the real ones
         out.specs = [(module, _row_counts(rows)) for module, rows in specs]
         return out
 
