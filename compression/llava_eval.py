@@ -5,7 +5,9 @@ KV-cache bytes. Shared by ``vtw compress llava`` and ``benchmarks/bench_mustdrop
 FLOPs: ``FlopCounterMode`` under the math SDPA kernel over the whole prefill (vision tower,
 projector, LM, last-position LM head) of a fixed evaluation batch, divided by its size. "Vision
 FLOPs" = prefill FLOPs minus the FLOPs of the same prompts run text-only through the same code, so
-it includes the tower and every LM layer's cost of the vision tokens (and the drop rules' overhead).
+it includes the tower and every LM layer's cost of the vision tokens (and the drop rules' overhead);
+the tower + projector's own count is reported beside it, and the LM's share is the difference (the
+accounting of MustDrop's and FastV's FLOPs figures, whose CLIP towers are a few % of LLaVA-1.5-7B).
 """
 
 from __future__ import annotations
@@ -23,27 +25,50 @@ from compression import llava_runner as R
 from compression.flops import count_flops
 from compression.patching import remove_patch
 
-# Thresholds chosen by benchmarks/bench_mustdrop.py's calibration (val split) for the tiny
-# shapes-VQA LLaVA trained on 2026-11-28 (49% accuracy; ~87% vision-FLOP cut); recalibrate for any
-# other checkpoint. LLaVA-1.5's released settings are in unify_compress.md 3.2.
-TINY_MUSTDROP = dict(merge_threshold=0.8, global_thr=0.2, individual_thr=0.2, key_ratio=0.08)
+# Thresholds chosen by benchmarks/bench_mustdrop.py's calibration (val split) for the tiny shapes-VQA
+# LLaVA of configs/llava_tiny_shapes.yaml (trained 2026-11-28 with token dropout; 97.6% test accuracy):
+# the largest cut within 3 points on val. Recalibrate for any other checkpoint; LLaVA-1.5's released
+# settings are in unify_compress.md 3.2.
+TINY_MUSTDROP = dict(merge_threshold=0.95, global_thr=0.01, individual_thr=0.01, key_ratio=0.08)
 
 
 @dataclass
 class LlavaArm:
     name: str
-    method: str  # none | mustdrop | fastv | pitome
+    method: str  # none | mustdrop | fastv | pitome | oracle
     mustdrop: mustdrop.MustDropConfig | None = None
     fastv: fastv.FastVConfig | None = None
     pitome_ratio: float | None = None
+    oracle_layer: int = 2  # method "oracle": the LM layer after which only object tokens stay
     extra: dict[str, Any] = field(default_factory=dict)
 
-    def plan(self, num_layers: int) -> R.DropPlan | None:
+    def plan(self, num_layers: int, objects: Tensor | None = None) -> R.DropPlan | None:
+        """``objects`` (B, grid^2) bool (patches showing an object) is only read by the oracle arm."""
         if self.method == "mustdrop":
             return mustdrop.make_plan(self.mustdrop, num_layers)
         if self.method == "fastv":
             return fastv.make_plan(self.fastv)
+        if self.method == "oracle":
+            if objects is None:
+                raise ValueError("the oracle arm needs the object patches of the batch (VQAData.objects)")
+            return oracle_plan(self.oracle_layer, objects)
         return None
+
+
+def oracle_plan(layer: int, objects: Tensor) -> R.DropPlan:
+    """Reference arm (not a method): after LM layer ``layer`` keep exactly the vision tokens whose patch
+    shows an object (from the scene's coverage), drop every background token. Tells whether the model
+    needs only the object tokens (then a rule that finds them loses nothing) or reads the background
+    too. Needs vision tokens in raster order with their original positions (no stage-1 merging)."""
+
+    def rule(li: int, probs: Tensor, ctx: dict[str, Tensor]) -> Tensor:
+        is_vis = (ctx["kind"] == R.VISION) & ctx["valid"]
+        first = ctx["pos"].masked_fill(~is_vis, 1 << 30).min(1, keepdim=True).values  # position of patch 0
+        patch = (ctx["pos"] - first).clamp(0, objects.shape[1] - 1)  # (B, L) patch index of each token
+        on_object = objects.to(patch.device).gather(1, patch)
+        return ctx["valid"] & (~is_vis | on_object)
+
+    return R.DropPlan(drop_layers=(layer,), rule=rule)
 
 
 @dataclass
@@ -52,6 +77,7 @@ class VQAData:
     prompts: list[Tensor]
     answers: Tensor  # (N,)
     kinds: Tensor  # (N,)
+    objects: Tensor | None = None  # (N, grid^2) bool: the patch shows part of an object (coverage >= 0.1)
 
 
 def load_vqa(model_dir: str, split: str, num_samples: int, seed: int = 0) -> VQAData:
@@ -59,20 +85,26 @@ def load_vqa(model_dir: str, split: str, num_samples: int, seed: int = 0) -> VQA
     from pathlib import Path
 
     from compression.tiny_llava import ShapesVQA
+    from datasets.shapes import object_coverage
 
     info = json.loads((Path(model_dir) / "tiny_llava.json").read_text())["config"]
     n_img = (info["image_size"] // info["patch_size"]) ** 2
-    ds = ShapesVQA(split, num_samples, info["image_size"], n_img, seed=seed)
+    size, patch = info["image_size"], info["patch_size"]
+    ds = ShapesVQA(split, num_samples, size, n_img, seed=seed, object_scale=info.get("object_scale", 1.0))
     ds.shapes.build_cache()
     items = [ds[i] for i in range(len(ds))]
+    grid = size // patch
+    cover = torch.stack([torch.from_numpy(object_coverage(ds.shapes.scene(i), size)) for i in range(len(ds))])
+    objects = cover.view(-1, grid, patch, grid, patch).amax((2, 4)).flatten(1) >= 0.1  # (N, grid^2)
     return VQAData(torch.stack([it["pixel_values"] for it in items]),
                    [it["input_ids"][: it["prompt_len"]] for it in items],
-                   torch.tensor([it["answer"] for it in items]), torch.tensor([it["kind"] for it in items]))
+                   torch.tensor([it["answer"] for it in items]), torch.tensor([it["kind"] for it in items]), objects)
 
 
 def _batches(data: VQAData, batch_size: int):
     for i in range(0, len(data.prompts), batch_size):
-        yield data.pixel_values[i:i + batch_size], data.prompts[i:i + batch_size]
+        objects = data.objects[i:i + batch_size] if data.objects is not None else None
+        yield data.pixel_values[i:i + batch_size], data.prompts[i:i + batch_size], objects
 
 
 def evaluate_llava_arm(model: nn.Module, arm: LlavaArm, data: VQAData, batch_size: int = 50, repeats: int = 5,
@@ -81,11 +113,16 @@ def evaluate_llava_arm(model: nn.Module, arm: LlavaArm, data: VQAData, batch_siz
     remove_patch(model)
     if arm.method == "pitome":
         pitome.patch(model, ratio=arm.pitome_ratio, prop_attn=True)
+    objects = data.objects
+
+    def plan_for(lo: int, hi: int) -> R.DropPlan | None:
+        return arm.plan(num_layers, objects[lo:hi] if objects is not None else None)
+
     try:
-        plan = arm.plan(num_layers)
         preds, vis_in, vis_out, layer_counts, kv = [], [], [], [], []
         with torch.inference_mode():
-            for px, prompts in _batches(data, batch_size):
+            for b, (px, prompts, _) in enumerate(_batches(data, batch_size)):
+                plan = plan_for(b * batch_size, b * batch_size + len(prompts))
                 toks, out = R.generate(model, px, prompts, plan, max_new_tokens=decode_tokens)
                 preds.append(toks[:, 0])
                 vis_in.append(out.vision_in.float())
@@ -95,15 +132,16 @@ def evaluate_llava_arm(model: nn.Module, arm: LlavaArm, data: VQAData, batch_siz
         preds = torch.cat(preds)
         n = len(data.prompts)
         per_layer = (torch.stack(layer_counts).sum(0) / n).tolist()
-        flops = text_flops = 0  # per sample (batch 1: no padding), summed over flops_batch prompts
+        flops = text_flops = tower_flops = 0  # per sample (batch 1: no padding), summed over flops_batch prompts
         for i in range(min(flops_batch, n)):
-            px, pr = data.pixel_values[i:i + 1], data.prompts[i:i + 1]
+            px, pr, plan = data.pixel_values[i:i + 1], data.prompts[i:i + 1], plan_for(i, i + 1)
             flops += count_flops(R.prefill, model, px, pr, plan)[0]
             text_flops += count_flops(R.prefill, model, None, pr, None, R.empty_vision(model, 1))[0]
+            tower_flops += count_flops(R.encode_images, model, px, plan)[0]  # tower + projector
         flops_batch = min(flops_batch, n)
         aps = latency_ms = float("nan")
         if repeats > 0:
-            px, prompts = data.pixel_values[:batch_size], data.prompts[:batch_size]
+            px, prompts, plan = data.pixel_values[:batch_size], data.prompts[:batch_size], plan_for(0, batch_size)
             with torch.inference_mode():
                 R.prefill(model, px, prompts, plan)  # warm-up
                 times = []
@@ -115,6 +153,7 @@ def evaluate_llava_arm(model: nn.Module, arm: LlavaArm, data: VQAData, batch_siz
             with torch.inference_mode():  # batch-1 latency (no padding), median over samples
                 lat = []
                 for i in range(min(10, n)):
+                    plan = plan_for(i, i + 1)
                     t0 = time.perf_counter()
                     R.prefill(model, data.pixel_values[i:i + 1], data.prompts[i:i + 1], plan)
                     lat.append(time.perf_counter() - t0)
@@ -135,6 +174,8 @@ def evaluate_llava_arm(model: nn.Module, arm: LlavaArm, data: VQAData, batch_siz
         "vis_tokens_layer_mean": sum(per_layer) / len(per_layer),
         "vis_tokens_per_layer": ",".join(f"{c:.1f}" for c in per_layer),
         "gflops_prefill": flops / flops_batch / 1e9, "gflops_vision": (flops - text_flops) / flops_batch / 1e9,
+        "gflops_tower": tower_flops / flops_batch / 1e9,
+        "gflops_lm_vision": (flops - text_flops - tower_flops) / flops_batch / 1e9,
         "kv_kib_per_sample": sum(kv) / n / 1024, "answers_per_s": aps, "prefill_ms_b1": latency_ms, **arm.extra,
     }
 
@@ -143,6 +184,7 @@ def add_relative(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     base = next(r for r in rows if r["method"] == "none")
     for r in rows:
         r["vision_flops_cut_%"] = 100 * (1 - r["gflops_vision"] / base["gflops_vision"])
+        r["lm_vision_flops_cut_%"] = 100 * (1 - r["gflops_lm_vision"] / base["gflops_lm_vision"])
         r["prefill_flops_cut_%"] = 100 * (1 - r["gflops_prefill"] / base["gflops_prefill"])
         r["acc_drop"] = base["acc"] - r["acc"]
         r["prefill_speedup"] = r["answers_per_s"] / base["answers_per_s"] if base["answers_per_s"] else None
@@ -226,13 +268,14 @@ def plot_llava(rows: list[dict[str, Any]], path: Any, title: str = "tiny LLaVA s
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(6.5, 4))
-    markers = {"none": "k*", "mustdrop": "o", "fastv": "s", "pitome": "^"}
+    markers = {"none": "k*", "mustdrop": "o", "fastv": "s", "pitome": "^", "oracle": "kD"}
     for method in markers:
-        rs = sorted((r for r in rows if r["method"] == method), key=lambda r: r["gflops_vision"])
+        rs = sorted((r for r in rows if r["method"] == method), key=lambda r: r["gflops_lm_vision"])
         if rs:
-            ax.plot([r["gflops_vision"] * 1e3 for r in rs], [r["acc"] for r in rs], markers[method] + ("-" if len(rs) > 1 else ""),
-                    label=method, markersize=7)
-    ax.set_xlabel("vision-token MFLOPs / answer (prefill, FlopCounterMode)")
+            ax.plot([r["gflops_lm_vision"] * 1e3 for r in rs], [r["acc"] for r in rs],
+                    markers[method] + ("-" if len(rs) > 1 else ""),
+                    label=method + (" (object tokens only)" if method == "oracle" else ""), markersize=7)
+    ax.set_xlabel("LM MFLOPs on vision tokens / answer (prefill, FlopCounterMode)")
     ax.set_ylabel("answer accuracy (%)")
     ax.set_title(title)
     ax.grid(alpha=0.3)

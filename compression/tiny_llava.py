@@ -30,6 +30,7 @@ write a ``save_pretrained`` directory (``runs/llava_tiny/model``) with ``vocab.j
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -123,12 +124,17 @@ class TinyLlavaConfig:
     text_heads: int = 4
     text_intermediate: int = 256
     max_position: int = 256
+    # the task the model was trained on (read back by the evaluation): object radius factor of the shapes
+    object_scale: float = 1.0
 
 
 TINY_LLAVA_PRESETS: dict[str, dict[str, Any]] = {
     "nano": dict(vision_hidden=32, vision_layers=2, stem_width=32, text_hidden=32, text_layers=4, text_heads=2,
                  text_intermediate=64, image_size=24),  # tests only
     "tiny": {},  # ~2.5M params: the CPU recipe
+    # sparse scenes on a 12x12 token grid (objects at 0.6x size on 48 px: ~10% of the patches touch an
+    # object, vs ~23% for "tiny"), closer to the redundancy of LLaVA's 576 CLIP tokens
+    "sparse": dict(image_size=48, object_scale=0.6),
 }
 
 
@@ -197,11 +203,11 @@ class ShapesVQA(Dataset):
     ``answer`` (answer token id), ``kind`` (int index into QUESTIONS)."""
 
     def __init__(self, split: str, num_samples: int, image_size: int, num_image_tokens: int, seed: int = 0,
-                 max_count: int = 3, vocab: list[str] | None = None) -> None:
+                 max_count: int = 3, vocab: list[str] | None = None, object_scale: float = 1.0) -> None:
         from datasets.shapes import ShapesDataset
 
         self.shapes = ShapesDataset(split, num_samples=num_samples, image_size=image_size, seed=seed,
-                                    max_count=max_count)
+                                    max_count=max_count, object_scale=object_scale)
         self.tok = WordTokenizer(vocab or build_vocab())
         self.num_image_tokens = num_image_tokens
         self.kinds = list(QUESTIONS)
@@ -238,14 +244,14 @@ def collate(items: list[dict[str, Any]], pad_id: int = 0) -> dict[str, Tensor]:
 class ShapesVQADataModule(pl.LightningDataModule):
     def __init__(self, image_size: int = 36, patch_size: int = 4, batch_size: int = 64, train_samples: int = 40000,
                  val_samples: int = 1000, test_samples: int = 1000, max_count: int = 3, seed: int = 0,
-                 num_workers: int = 0) -> None:
+                 num_workers: int = 0, object_scale: float = 1.0) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.num_image_tokens = (image_size // patch_size) ** 2
 
     def _ds(self, split: str, n: int) -> ShapesVQA:
         h = self.hparams
-        ds = ShapesVQA(split, n, h.image_size, self.num_image_tokens, h.seed, h.max_count)
+        ds = ShapesVQA(split, n, h.image_size, self.num_image_tokens, h.seed, h.max_count, object_scale=h.object_scale)
         ds.shapes.build_cache()
         return ds
 
@@ -287,6 +293,31 @@ def _attribute_groups() -> dict[str, int]:
 ATTRIBUTE_GROUPS = _attribute_groups()
 
 
+@contextlib.contextmanager
+def keys_dropped(model: nn.Module, drop: Tensor | None, first: int):
+    """Within the block, LM layers ``first, first + 1, ...`` of an eager-attention HF LLaVA / Llama do not
+    attend to the tokens marked in ``drop`` (B, L) (their additive mask gets -inf in those key columns):
+    the same attention as removing the tokens after layer ``first - 1`` with their positions kept, which is
+    what ``compression.llava_runner`` does for FastV / MustDrop. ``drop=None`` or all False: no change."""
+    hooks = []
+    if drop is not None and bool(drop.any()):
+        def mask_dropped(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+            am = kwargs.get("attention_mask")
+            if not isinstance(am, Tensor) or am.dim() != 4 or not am.is_floating_point():
+                raise RuntimeError("keys_dropped needs the eager attention path's additive (B, 1, L, L) mask; "
+                                   "call model.set_attn_implementation('eager')")
+            kwargs["attention_mask"] = am.masked_fill(drop[:, None, None, :], torch.finfo(am.dtype).min)
+            return args, kwargs
+
+        lm = model.model.language_model if hasattr(model, "model") else model
+        hooks = [layer.register_forward_pre_hook(mask_dropped, with_kwargs=True) for layer in lm.layers[first:]]
+    try:
+        yield
+    finally:
+        for h in hooks:
+            h.remove()
+
+
 class TinyLlavaModule(pl.LightningModule):
     """Thin Lightning wrapper, two phases in one run (LLaVA trains on a *pretrained, frozen* CLIP):
 
@@ -300,17 +331,33 @@ class TinyLlavaModule(pl.LightningModule):
     ``train/tower_acc_<attribute>`` in phase 1, ``{stage}/loss`` and ``{stage}/acc`` (greedy
     answer-token accuracy) in phase 2. ``tower_steps=0`` trains everything jointly from the start."""
 
-    def __init__(self, preset: str = "tiny", image_size: int = 36, patch_size: int = 4, lr: float = 3e-3,
-                 weight_decay: float = 0.05, warmup_steps: int = 100, save_dir: str | None = None,
-                 tower_steps: int = 600, stem: str | None = None) -> None:
+    def __init__(self, preset: str = "tiny", image_size: int | None = None, patch_size: int | None = None,
+                 lr: float = 3e-3, weight_decay: float = 0.05, warmup_steps: int = 100, save_dir: str | None = None,
+                 tower_steps: int = 600, stem: str | None = None, object_scale: float | None = None,
+                 train_attention: str = "eager", token_dropout: float = 0.0, token_dropout_max: float = 0.95) -> None:
         super().__init__()
-        self.save_hyperparameters()
         if tower_steps < 0:
             raise ValueError(f"tower_steps must be >= 0, got {tower_steps}")
-        self.config = tiny_llava_config(preset, image_size=image_size, patch_size=patch_size, stem=stem)
+        if train_attention not in ("eager", "sdpa"):
+            raise ValueError(f"train_attention must be 'eager' or 'sdpa', got {train_attention!r}")
+        if not 0 <= token_dropout <= 1 or not 0 < token_dropout_max <= 1:
+            raise ValueError(f"token_dropout must be in [0, 1] and token_dropout_max in (0, 1], got "
+                             f"{token_dropout} and {token_dropout_max}")
+        if token_dropout and train_attention != "eager":
+            raise ValueError("token_dropout edits the additive attention mask of the eager path: use train_attention='eager'")
+        self.config = tiny_llava_config(preset, image_size=image_size, patch_size=patch_size, stem=stem,
+                                        object_scale=object_scale)
+        self.save_hyperparameters()
+        # record the preset's values rather than None (the CLI hands save_hyperparameters its own init args,
+        # and Lightning compares the initial hparams with the data module's when it logs them)
+        for key in ("image_size", "patch_size", "object_scale"):
+            self.hparams[key] = self._hparams_initial[key] = getattr(self.config, key)
         self.tok = WordTokenizer(build_vocab())
         self.model = build_tiny_llava(self.config, len(self.tok.vocab), self.tok.image_id, self.tok.pad_id,
                                       self.tok.bos_id, self.tok.eos_id)
+        # Training attention: HF's eager path (bf16 matmuls, fp32 softmax) is ~2.3x faster per step on CPU
+        # than SDPA, whose flash backward is slow there; the saved model loads with SDPA (load_llava).
+        self.model.set_attn_implementation(train_attention)
         self.tower_head = nn.Linear(self.config.vision_hidden, sum(ATTRIBUTE_GROUPS.values())) if tower_steps else None
         self.tower_frozen = False
         self._t0 = time.time()
@@ -342,9 +389,29 @@ class TinyLlavaModule(pl.LightningModule):
         self.log("train/tower_loss", loss, prog_bar=True)
         return loss
 
+    def sample_token_drop(self, input_ids: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, int]:
+        """Token dropout for phase 2: each row, with probability ``token_dropout``, loses a uniform random
+        fraction (up to ``token_dropout_max``) of its vision tokens as attention keys from LM layer
+        ``first`` on (``first`` uniform over the layers; 0 = the whole LM). Returns (drop (B, L) bool, first)."""
+        B, L = input_ids.shape
+        u = torch.rand(B, generator=generator)
+        frac = torch.rand(B, generator=generator) * self.hparams.token_dropout_max
+        is_vis = input_ids == self.tok.image_id
+        drop = is_vis & (u < self.hparams.token_dropout)[:, None] & (torch.rand(B, L, generator=generator) < frac[:, None])
+        first = int(torch.randint(0, self.config.text_layers, (), generator=generator))
+        return drop.to(input_ids.device), first
+
     def _common_step(self, batch: dict[str, Tensor], stage: str) -> Tensor:
-        out = self.model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"],
-                         attention_mask=batch["attention_mask"])
+        drop, first = None, 0
+        if stage == "train" and self.hparams.token_dropout > 0:
+            # Dropping tokens in the middle of the LM (FastV, MustDrop stage 2) removes keys that the later
+            # layers never saw missing; a model of LLaVA-7B's size tolerates it, a 2.5M-parameter LM trained
+            # for minutes does not (benchmarks/bench_mustdrop.py's oracle row). Training with the same kind
+            # of removal, from a random layer on, teaches it (see configs/llava_sparse_shapes.yaml).
+            drop, first = self.sample_token_drop(batch["input_ids"])
+        with keys_dropped(self.model, drop, first):
+            out = self.model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"],
+                             attention_mask=batch["attention_mask"])
         logits = out.logits[:, :-1].float()
         target = batch["labels"][:, 1:]
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100)
@@ -372,6 +439,12 @@ class TinyLlavaModule(pl.LightningModule):
 
     def on_fit_start(self) -> None:
         self._t0 = time.time()
+        dm = getattr(self.trainer, "datamodule", None)
+        if isinstance(dm, ShapesVQADataModule):  # the data must be the task the model is configured for
+            for key in ("image_size", "patch_size", "object_scale"):
+                if dm.hparams[key] != getattr(self.config, key):
+                    raise ValueError(f"data.{key}={dm.hparams[key]} but the model (preset {self.hparams.preset!r}) "
+                                     f"has {key}={getattr(self.config, key)}; set both to the same value")
 
     def on_fit_end(self) -> None:
         if self.hparams.save_dir and self.trainer.is_global_zero:

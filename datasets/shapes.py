@@ -37,7 +37,7 @@ from datasets.transforms import uint8_to_tensor
 
 __all__ = [
     "COLOURS", "COLOUR_RGB", "POSITIONS", "SHAPES", "SIZES", "SPLITS", "ShapeScene", "ShapesDataModule",
-    "ShapesDataset", "caption_for", "class_names", "draw_scene", "label_of", "render", "sample_scene",
+    "ShapesDataset", "caption_for", "class_names", "draw_scene", "label_of", "object_coverage", "render", "sample_scene",
 ]
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "diamond")
@@ -129,9 +129,11 @@ def _pick(u: float, n: int) -> int:
     return min(int(u * n), n - 1)
 
 
-def sample_scene(rng: np.random.Generator, max_count: int = 1) -> ShapeScene:
+def sample_scene(rng: np.random.Generator, max_count: int = 1, object_scale: float = 1.0) -> ShapeScene:
     """Draw every scene parameter from ``rng`` (nothing here depends on the resolution).
 
+    ``object_scale`` multiplies every object radius (1.0: the default sizes, bit-identical scenes;
+    smaller values give sparser scenes with more background, e.g. for token-dropping benchmarks).
     One vector of uniforms is drawn up front (a few microseconds instead of ~20 separate calls);
     rejection loops draw more only when needed.
     """
@@ -139,6 +141,8 @@ def sample_scene(rng: np.random.Generator, max_count: int = 1) -> ShapeScene:
     shape, colour, size = _pick(u[0], len(SHAPES)), _pick(u[1], len(COLOURS)), _pick(u[2], len(SIZES))
     count = 1 + _pick(u[3], max_count)
     radius = _SIZE_RADIUS[size] * _COUNT_SCALE[count - 1] * (0.92 + 0.16 * u[4])
+    if object_scale != 1.0:
+        radius *= object_scale
     extent = radius * _EXTENT
     lo, hi = extent + _MARGIN, 1.0 - extent - _MARGIN
     if count == 1:
@@ -198,6 +202,13 @@ def _polygon(shape: str, cx: float, cy: float, r: float, rotation: float) -> lis
 
 def _supersample(image_size: int) -> int:
     return 4 if image_size <= 128 else 2
+
+
+def object_coverage(scene: ShapeScene, image_size: int) -> np.ndarray:
+    """Anti-aliased object coverage of a scene at ``image_size``, ``(H, W)`` float32 in [0, 1] (the alpha
+    used when the scene is drawn; e.g. to find which patches show an object)."""
+    _check_image_size(image_size)
+    return _alpha(scene, image_size)
 
 
 def _alpha(scene: ShapeScene, image_size: int) -> np.ndarray:
@@ -274,11 +285,11 @@ def _item_rng(seed: int, split: str, index: int) -> np.random.Generator:
     return np.random.default_rng([seed, SPLITS[split], index])
 
 
-def render(seed: int, split: str, index: int, image_size: int = 32, max_count: int = 1
-           ) -> tuple[np.ndarray, ShapeScene]:
+def render(seed: int, split: str, index: int, image_size: int = 32, max_count: int = 1,
+           object_scale: float = 1.0) -> tuple[np.ndarray, ShapeScene]:
     """Item ``index`` of ``split`` as ``(uint8 (H, W, 3) array, scene)``: a pure function of its arguments."""
     rng = _item_rng(seed, split, index)
-    scene = sample_scene(rng, max_count)  # resolution-independent draws first ...
+    scene = sample_scene(rng, max_count, object_scale)  # resolution-independent draws first ...
     return draw_scene(scene, image_size, rng), scene  # ... then the per-pixel noise
 
 
@@ -294,13 +305,15 @@ class ShapesDataset(Dataset):
         image_size: side in pixels, 16..256.
         seed: dataset seed (>= 0); different seeds give different datasets.
         max_count: objects per image are drawn uniformly from ``1..max_count`` (<= 3).
+        object_scale: factor on every object's radius, in (0, 1]; 1 keeps the default sizes
+            (about 23% of 4x4-pixel patches of a 36-pixel image touch an object with max_count 3).
         cache: render the whole split once into a uint8 tensor (``N*3*H*W`` bytes, 61 MB for
             20k 32x32 images) instead of on every access; identical values either way.
         transform: optional callable applied to the ``(3, H, W)`` float tensor.
     """
 
     def __init__(self, split: str = "train", num_samples: int = 10000, image_size: int = 32, seed: int = 0,
-                 max_count: int = 1, cache: bool = False, transform=None) -> None:
+                 max_count: int = 1, cache: bool = False, transform=None, object_scale: float = 1.0) -> None:
         if split not in SPLITS:
             raise ValueError(f"split must be one of {tuple(SPLITS)}, got {split!r}")
         if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
@@ -310,8 +323,11 @@ class ShapesDataset(Dataset):
             raise ValueError(f"seed must be a non-negative int, got {seed!r}")
         if max_count not in (1, 2, 3):
             raise ValueError(f"max_count must be 1, 2 or 3, got {max_count!r}")
+        if isinstance(object_scale, bool) or not isinstance(object_scale, (int, float)) or not 0 < object_scale <= 1:
+            raise ValueError(f"object_scale must be a number in (0, 1], got {object_scale!r}")
         self.split, self.num_samples, self.image_size = split, num_samples, image_size
         self.seed, self.max_count, self.transform = seed, max_count, transform
+        self.object_scale = float(object_scale)
         self._images: torch.Tensor | None = None  # (N, 3, H, W) uint8 when cached
         self._scenes: list[ShapeScene] | None = None
         if cache:
@@ -323,6 +339,7 @@ class ShapesDataset(Dataset):
     def __repr__(self) -> str:
         return (f"ShapesDataset(split={self.split!r}, num_samples={self.num_samples}, "
                 f"image_size={self.image_size}, seed={self.seed}, max_count={self.max_count}, "
+                f"object_scale={self.object_scale}, "
                 f"cached={self._images is not None})")
 
     @property
@@ -348,7 +365,7 @@ class ShapesDataset(Dataset):
         scenes: list[ShapeScene] = []
         chunk = 512
         starts = range(0, n, chunk)
-        job = _RenderChunks(self.seed, self.split, n, s, self.max_count, chunk)
+        job = _RenderChunks(self.seed, self.split, n, s, self.max_count, chunk, self.object_scale)
         chunks = (DataLoader(job, batch_size=None, num_workers=num_workers) if num_workers > 0 and n > chunk
                   else (job[k] for k in range(len(starts))))
         with tqdm(total=n, desc=f"rendering shapes/{self.split}", leave=False, mininterval=2.0,
@@ -363,7 +380,7 @@ class ShapesDataset(Dataset):
         index = self._check_index(index)
         if self._scenes is not None:
             return self._scenes[index]
-        return sample_scene(_item_rng(self.seed, self.split, index), self.max_count)
+        return sample_scene(_item_rng(self.seed, self.split, index), self.max_count, self.object_scale)
 
     def _check_index(self, index: int) -> int:
         index = int(index)
@@ -379,7 +396,7 @@ class ShapesDataset(Dataset):
             scene = self._scenes[index]
             image = self._images[index].float().div_(127.5).sub_(1.0)
         else:
-            array, scene = render(self.seed, self.split, index, self.image_size, self.max_count)
+            array, scene = render(self.seed, self.split, index, self.image_size, self.max_count, self.object_scale)
             image = uint8_to_tensor(array)
         if self.transform is not None:
             image = self.transform(image)
@@ -392,15 +409,17 @@ class ShapesDataset(Dataset):
 class _RenderChunks(Dataset):
     """Chunk ``k`` = items ``[k * chunk, (k + 1) * chunk)`` as ``((B, 3, H, W) uint8, [scene, ...])``."""
 
-    def __init__(self, seed: int, split: str, n: int, image_size: int, max_count: int, chunk: int) -> None:
+    def __init__(self, seed: int, split: str, n: int, image_size: int, max_count: int, chunk: int,
+                 object_scale: float = 1.0) -> None:
         self.seed, self.split, self.n, self.image_size, self.max_count, self.chunk = (
             seed, split, n, image_size, max_count, chunk)
+        self.object_scale = object_scale
 
     def __len__(self) -> int:
         return (self.n + self.chunk - 1) // self.chunk
 
     def __getitem__(self, k: int) -> tuple[torch.Tensor, list[ShapeScene]]:
-        items = [render(self.seed, self.split, i, self.image_size, self.max_count)
+        items = [render(self.seed, self.split, i, self.image_size, self.max_count, self.object_scale)
                  for i in range(k * self.chunk, min((k + 1) * self.chunk, self.n))]
         block = torch.from_numpy(np.stack([a for a, _ in items])).permute(0, 3, 1, 2)  # (B, 3, H, W)
         return block, [scene for _, scene in items]

@@ -151,3 +151,62 @@ def test_positions_kept_or_compacted(setup):
     assert (kept.vision_out < kept.vision_in).all()
     assert torch.equal(kept.next_pos, ref.next_pos)  # original RoPE positions survive the drops
     assert (compacted.next_pos < kept.next_pos).all()  # released-code behaviour: renumbered
+
+
+def test_oracle_rule_keeps_exactly_the_object_tokens():
+    from compression.llava_eval import oracle_plan
+
+    # two rows, left padded; vision tokens at positions 2..5 = patches 0..3 of a 2x2 grid
+    kind = torch.tensor([[PREFIX, PREFIX, VISION, VISION, VISION, VISION, TEXT],
+                         [0, PREFIX, VISION, VISION, VISION, VISION, TEXT]])
+    valid = kind != 0
+    pos = torch.tensor([[0, 1, 2, 3, 4, 5, 6], [0, 0, 1, 2, 3, 4, 5]])
+    objects = torch.tensor([[False, True, True, False], [True, False, False, False]])
+    plan = oracle_plan(2, objects)
+    assert plan.drop_layers == (2,)
+    keep = plan.rule(2, torch.zeros(2, 1, 7, 7), {"kind": kind, "valid": valid, "pos": pos, "key": torch.zeros_like(valid)})
+    assert keep.tolist() == [[True, True, False, True, True, False, True],
+                             [False, True, True, False, False, False, True]]
+
+
+def test_oracle_arm_on_the_runner_keeps_the_object_count(setup, tmp_path):
+    from compression.llava_eval import LlavaArm, evaluate_llava_arm, load_vqa
+
+    model, tok, cfg, _, _ = setup
+    save_tiny_llava(model, tok, cfg, tmp_path / "m")
+    data = load_vqa(str(tmp_path / "m"), "val", 6)
+    assert data.objects.shape == (6, 36) and data.objects.any(1).all() and not data.objects.all(1).any()
+    row = evaluate_llava_arm(model, LlavaArm("oracle", "oracle", oracle_layer=1), data, batch_size=4, repeats=0,
+                             flops_batch=2)
+    per_layer = [float(c) for c in row["vis_tokens_per_layer"].split(",")]
+    assert per_layer[:2] == [36.0, 36.0]
+    assert per_layer[2] == pytest.approx(float(data.objects.sum(1).float().mean()), abs=0.05)
+    assert row["gflops_tower"] > 0 and 0 < row["gflops_lm_vision"] < row["gflops_vision"]
+    with pytest.raises(ValueError, match="object patches"):
+        LlavaArm("oracle", "oracle").plan(4)
+
+
+def test_training_key_dropout_equals_runner_drop_after_a_layer(setup):
+    """keys_dropped (the tiny LLaVA's token-dropout training) masks exactly what the runner removes."""
+    from compression.tiny_llava import keys_dropped
+
+    model, tok, cfg, px, prompts = setup
+    prompts = [prompts[0]] * len(px)  # one question for every image: equal lengths, no padding in either path
+    ids = torch.stack(prompts)
+    L = ids.shape[1]
+    vis = (ids == tok.image_id)
+    g = torch.Generator().manual_seed(3)
+    drop = vis & (torch.rand(ids.shape, generator=g) < 0.6)
+    first = 2  # layers 2, 3 lose the keys == the runner drops the tokens after layer 1
+    plan = R.DropPlan(drop_layers=(first - 1,), rule=lambda li, probs, ctx: ctx["valid"] & ~drop)
+    ref = R.prefill(model, px, prompts, plan).logits
+    model.set_attn_implementation("eager")
+    try:
+        with torch.no_grad(), keys_dropped(model, drop, first):
+            got = model(input_ids=ids, pixel_values=px, attention_mask=torch.ones_like(ids)).logits[:, L - 1]
+        with torch.no_grad():
+            full = model(input_ids=ids, pixel_values=px, attention_mask=torch.ones_like(ids)).logits[:, L - 1]
+    finally:
+        model.set_attn_implementation("sdpa")
+    assert torch.allclose(got, ref, atol=1e-4), (got - ref).abs().max()
+    assert not torch.allclose(full, ref, atol=1e-3)  # the drop matters, and the hooks were removed

@@ -72,3 +72,33 @@ def test_two_phase_training_pretrains_then_freezes_the_tower(tmp_path):
     assert not changed("model.model.vision_tower.")  # weights and BatchNorm buffers untouched
     assert changed("model.model.language_model.") and changed("model.model.multi_modal_projector.")
     assert (tmp_path / "model" / "config.json").is_file()
+
+
+def test_sparse_preset_and_data_mismatch_error(tmp_path):
+    module = TinyLlavaModule(preset="sparse", tower_steps=0)
+    assert (module.config.image_size, module.config.object_scale) == (48, 0.6)
+    assert module.hparams_initial["image_size"] == 48 and module.hparams_initial["object_scale"] == 0.6
+    assert module.model.config.text_config._attn_implementation == "eager"  # faster CPU training
+    module = TinyLlavaModule(preset="nano", tower_steps=0, object_scale=0.5)
+    data = ShapesVQADataModule(image_size=24, patch_size=4, batch_size=4, train_samples=8, val_samples=4,
+                               test_samples=4)  # object_scale 1.0: not the task the model is configured for
+    trainer = pl.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0)
+    with pytest.raises(ValueError, match="data.object_scale=1.0 but the model"):
+        trainer.fit(module, data)
+    with pytest.raises(ValueError, match="train_attention"):
+        TinyLlavaModule(preset="nano", train_attention="flash")
+
+
+def test_token_dropout_samples_only_vision_tokens():
+    module = TinyLlavaModule(preset="nano", tower_steps=0, token_dropout=1.0, token_dropout_max=0.5)
+    ids = torch.tensor([[1, 4] + [module.tok.image_id] * 36 + [7, 8, 5]] * 64)
+    drop, first = module.sample_token_drop(ids, torch.Generator().manual_seed(0))
+    assert 0 <= first < module.config.text_layers
+    assert not drop[:, :2].any() and not drop[:, -3:].any()
+    frac = drop.float().sum(1) / 36
+    assert 0.15 < float(frac.mean()) < 0.35 and float(frac.max()) <= 0.75  # U(0, 0.5) per row, binomial spread
+    with pytest.raises(ValueError, match="token_dropout"):
+        TinyLlavaModule(preset="nano", token_dropout=1.5)
+    with pytest.raises(ValueError, match="eager"):
+        TinyLlavaModule(preset="nano", token_dropout=0.5, train_attention="sdpa")

@@ -174,3 +174,26 @@ def test_datamodule_workers():
     assert loader.persistent_workers
     labels = torch.cat([b["label"] for b in loader])
     assert sorted(labels.tolist()) == sorted(ShapesDataset("train", 64, 16)[i]["label"] for i in range(64))
+
+
+def test_object_scale_shrinks_objects_and_keeps_defaults_bit_identical():
+    from datasets.shapes import _item_rng as item_rng
+    from datasets.shapes import object_coverage, sample_scene
+
+    a, sa = render(0, "train", 5, 48, 3)
+    b, sb = render(0, "train", 5, 48, 3, object_scale=1.0)
+    assert np.array_equal(a, b) and sa == sb
+    areas = []
+    for i in range(20):
+        full = sample_scene(item_rng(0, "val", i), 3)
+        half = sample_scene(item_rng(0, "val", i), 3, object_scale=0.5)
+        assert (half.shape, half.colour, half.size, half.count) == (full.shape, full.colour, full.size, full.count)
+        assert half.radius == pytest.approx(0.5 * full.radius, rel=1e-12)
+        areas.append(object_coverage(half, 64).sum() / object_coverage(full, 64).sum())
+    assert 0.2 < float(np.mean(areas)) < 0.3  # area ~ radius^2 (anti-aliased edges add a little)
+    ds = ShapesDataset("val", 4, 32, max_count=3, object_scale=0.6)
+    assert "object_scale=0.6" in repr(ds) and ds.scene(2).radius == pytest.approx(
+        0.6 * ShapesDataset("val", 4, 32, max_count=3).scene(2).radius)
+    for bad in (0, 1.5, True, "big"):
+        with pytest.raises(ValueError, match="object_scale"):
+            ShapesDataset("val", 4, 32, object_scale=bad)
