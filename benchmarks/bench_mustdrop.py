@@ -96,13 +96,13 @@ def main() -> None:
     rows = [evaluate_llava_arm(model, a, test, args.batch_size, args.repeats) for a in arms]
     for r in rows:
         print(f"{r['arm']:<24} acc {r['acc']:.1f} vision GFLOPs {r['gflops_vision']:.4f} ans/s {r['answers_per_s']:.1f}")
+    md = rows[-1]  # MustDrop, all three stages
     oracle = LlavaArm("oracle: object tokens after L2", "oracle", oracle_layer=2)
     rows.append(evaluate_llava_arm(model, oracle, test, args.batch_size, args.repeats))
     print(f"{oracle.name:<24} acc {rows[-1]['acc']:.1f} final tokens {rows[-1]['vis_tokens_final']:.1f}")
-    md = rows[-1]
     full = rows[0]["vis_tokens_in"]
-    keeps = {fastv.budget_matched_keep(md["vis_tokens_layer_mean"], full, num_layers, 2): "same mean tokens/layer",
-             max(1, int(round(md["vis_tokens_final"]))): "same final tokens"}
+    keeps = {fastv.budget_matched_keep(md["vis_tokens_layer_mean"], full, num_layers, 2): "same mean tokens/layer as MustDrop",
+             max(1, int(round(md["vis_tokens_final"]))): "same final tokens as MustDrop"}
     keeps.setdefault(max(1, int(round(rows[-1]["vis_tokens_final"]))), "same final tokens as the oracle")
     for keep in args.fastv_keeps:
         keeps.setdefault(keep, "sweep")

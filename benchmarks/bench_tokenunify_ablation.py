@@ -12,6 +12,7 @@ Usage::
     python benchmarks/bench_tokenunify_ablation.py                   # default budget (~15-25 min, 2 cores)
     python benchmarks/bench_tokenunify_ablation.py --pretrain-steps 1000 --finetune-steps 600 --seeds 0 1 2
     python benchmarks/bench_tokenunify_ablation.py --quick           # smoke test (a few minutes)
+    python benchmarks/bench_tokenunify_ablation.py --pretrain-volume 64 192 192 --finetune-volume 16 64 64  # few labels
 """
 
 from __future__ import annotations
@@ -39,7 +40,12 @@ def main() -> int:
     p.add_argument("--finetune-steps", type=int, default=100)
     p.add_argument("--crop", type=int, nargs=3, default=[16, 48, 48])
     p.add_argument("--token", type=int, nargs=3, default=[4, 16, 16])
-    p.add_argument("--volume", type=int, nargs=3, default=[32, 128, 128])
+    p.add_argument("--volume", type=int, nargs=3, default=[32, 128, 128], help="size of each synthetic volume (z y x)")
+    p.add_argument("--pretrain-volume", type=int, nargs=3, default=None,
+                   help="size of the unlabelled pretraining volume (default --volume)")
+    p.add_argument("--finetune-volume", type=int, nargs=3, default=None,
+                   help="size of the labelled fine-tuning volume (default --volume); a small one gives the "
+                        "label-scarce regime pretraining is for (the paper: ~1.2B unlabelled tokens, CREMI labels)")
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
@@ -72,7 +78,12 @@ def main() -> int:
         torch.set_num_threads(args.threads)
     crop, token = tuple(args.crop), tuple(args.token)
     net_kw = dict(feat_size=(8, 16, 32, 64), hidden_size=64, depths=(1, 1, 1, 1))
-    vols = {k: str(synthetic_volume_path(args.cache_dir, args.volume, s)) for k, s in
+    sizes = {"pretrain": args.pretrain_volume or args.volume, "finetune": args.finetune_volume or args.volume,
+             "test": args.volume}
+    for k, size in sizes.items():
+        if any(v < c for v, c in zip(size, crop)):
+            raise SystemExit(f"--{k}-volume {size} is smaller than --crop {list(crop)}")
+    vols = {k: str(synthetic_volume_path(args.cache_dir, sizes[k], s)) for k, s in
             (("pretrain", 100), ("finetune", 200), ("test", 300))}
 
     def batches(ds, n, seed):
@@ -169,7 +180,8 @@ def main() -> int:
         rel = 1 - by["tokenunify"]["voi_mean"] / by["random_only"]["voi_mean"]
         notes.append(f"- TokenUnify VOI vs random-token only: {100 * rel:+.1f}% lower (target > 0)")
     meta = {"pretrain_steps": args.pretrain_steps, "finetune_steps": args.finetune_steps, "crop": crop,
-            "token": token, "volume": args.volume, "batch_size": args.batch_size, "lr": args.lr,
+            "token": token, "volume": args.volume, "pretrain_volume": sizes["pretrain"],
+            "finetune_volume": sizes["finetune"], "batch_size": args.batch_size, "lr": args.lr,
             "model": f"SegMamba tiny {net_kw}", "seeds": args.seeds, "total_minutes": (time.time() - t_start) / 60,
             "voi_units": "bits (scikit-image convention)"}
     save_table("tokenunify_ablation_runs", rows, meta)
