@@ -309,8 +309,10 @@ def keys_dropped(model: nn.Module, drop: Tensor | None, first: int):
             kwargs["attention_mask"] = am.masked_fill(drop[:, None, None, :], torch.finfo(am.dtype).min)
             return args, kwargs
 
-        lm = model.model.language_model if hasattr(model, "model") else model
-        hooks = [layer.register_forward_pre_hook(mask_dropped, with_kwargs=True) for layer in lm.layers[first:]]
+        from compression.llava_runner import parts
+
+        layers = parts(model)["lm"].layers
+        hooks = [layer.register_forward_pre_hook(mask_dropped, with_kwargs=True) for layer in layers[first:]]
     try:
         yield
     finally:

@@ -140,9 +140,7 @@ def sample_scene(rng: np.random.Generator, max_count: int = 1, object_scale: flo
     u = rng.random(20)
     shape, colour, size = _pick(u[0], len(SHAPES)), _pick(u[1], len(COLOURS)), _pick(u[2], len(SIZES))
     count = 1 + _pick(u[3], max_count)
-    radius = _SIZE_RADIUS[size] * _COUNT_SCALE[count - 1] * (0.92 + 0.16 * u[4])
-    if object_scale != 1.0:
-        radius *= object_scale
+    radius = _SIZE_RADIUS[size] * _COUNT_SCALE[count - 1] * (0.92 + 0.16 * u[4]) * object_scale  # x 1.0 is exact
     extent = radius * _EXTENT
     lo, hi = extent + _MARGIN, 1.0 - extent - _MARGIN
     if count == 1:
