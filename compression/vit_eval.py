@@ -26,9 +26,13 @@ class Arm:
     prop_attn: bool = True
     mode: str = "deit"
     margin: float | None = None
+    r_schedule: tuple[int, ...] | None = None  # tome: tokens removed at each layer (overrides r)
+    label: str | None = None  # name of a scheduled arm, e.g. "tome @ pitome rho=0.9"
 
     @property
     def name(self) -> str:
+        if self.method == "tome" and self.r_schedule is not None:
+            return (self.label or "tome r=" + "/".join(map(str, self.r_schedule))) + ("" if self.prop_attn else " noprop")
         if self.method == "tome":
             return f"tome r={self.r}" + ("" if self.prop_attn else " noprop")
         if self.method == "pitome":
@@ -38,11 +42,19 @@ class Arm:
     def apply(self, net: nn.Module) -> None:
         remove_patch(net)
         if self.method == "tome":
-            tome.patch(net, r=int(self.r), prop_attn=self.prop_attn)
+            r = list(self.r_schedule) if self.r_schedule is not None else int(self.r)
+            tome.patch(net, r=r, prop_attn=self.prop_attn)
         elif self.method == "pitome":
             pitome.patch(net, ratio=float(self.ratio), margin=self.margin, prop_attn=self.prop_attn, mode=self.mode)
         elif self.method != "none":
             raise ValueError(f"unknown method {self.method!r}; choose none, tome or pitome")
+
+
+def removed_per_layer(row: dict[str, Any]) -> tuple[int, ...]:
+    """Tokens a merged arm removed at each block, from a row of :func:`evaluate_arm` (tokens entering each
+    block and the final count): the schedule that makes ToMe merge exactly as many tokens as that arm."""
+    tokens = [int(t) for t in row["tokens"].split(",")] + [int(row["tokens_final"])]
+    return tuple(a - b for a, b in zip(tokens, tokens[1:]))
 
 
 def load_eval_images(image_size: int, num_samples: int, seed: int = 0, max_count: int = 1,

@@ -98,3 +98,22 @@ def test_two_process_ddp_fit_on_cpu(tmp_path):
     checkpoint = torch.load(tmp_path / "runs/quickstart/checkpoints/last.ckpt", map_location="cpu", weights_only=True)
     assert checkpoint["global_step"] == 4  # last.ckpt is written at validation (every 2 steps)
     assert checkpoint["hyper_parameters"]["_class_path"] == "vision.classifier.ImageClassifier"
+
+
+# Recipes that need no file from an earlier run or a data root: each must build its model, data and trainer.
+SELF_CONTAINED_CONFIGS = ["bae_tiny_shapes", "classifier_shapes", "gpt_tiny_shapes", "llava_sparse_shapes",
+                          "llava_tiny_shapes", "quickstart", "seed_stage1_shapes", "tokenflow_shapes",
+                          "tokenunify_pretrain_tiny", "vit_deep_shapes", "vit_small_shapes", "vqgan_tiny_shapes"]
+
+
+@pytest.mark.parametrize("name", SELF_CONTAINED_CONFIGS)
+def test_cpu_recipe_instantiates(name, tmp_path):
+    from lightning.pytorch.callbacks import RichProgressBar
+
+    from workbench.lightning_cli import run_lightning_cli
+
+    cli = run_lightning_cli(["--config", str(REPO / "configs" / f"{name}.yaml"), "--trainer.accelerator=cpu",
+                             "--trainer.devices=1", f"--trainer.default_root_dir={tmp_path}",
+                             "--trainer.enable_progress_bar=false"], run=False)
+    assert cli.trainer.checkpoint_callback.dirpath == str(tmp_path / "checkpoints")
+    assert not any(isinstance(c, RichProgressBar) for c in cli.trainer.callbacks)  # the flag is honoured

@@ -30,3 +30,25 @@ def test_compress_vit_cli(tmp_path):
 def test_compress_rejects_missing_ckpt(tmp_path):
     with pytest.raises(SystemExit, match="does not exist"):
         main(["compress", "vit", "--ckpt", str(tmp_path / "nope")])
+
+
+def test_tome_on_pitome_schedule_keeps_the_same_tokens_per_block():
+    """The benchmark's matched arm: ToMe given PiToMe's per-block removals merges exactly as many tokens."""
+    import torch
+
+    from compression.vit_eval import Arm, evaluate_arm, removed_per_layer
+    from vision.classifier import build_vit, classifier_config
+
+    torch.manual_seed(0)
+    net = build_vit(classifier_config("tiny", embed_dim=48, depth=4, num_heads=2)).eval()
+    images, labels = torch.randn(6, 3, 32, 32), torch.randint(0, 30, (6,))
+    pitome_row = evaluate_arm(net, Arm("pitome", ratio=0.8), images, labels, batch_size=6, repeats=0)
+    schedule = removed_per_layer(pitome_row)
+    tokens = [int(t) for t in pitome_row["tokens"].split(",")] + [pitome_row["tokens_final"]]
+    assert len(schedule) == 4 and sum(schedule) == tokens[0] - tokens[-1] and min(schedule) > 0
+    tome_row = evaluate_arm(net, Arm("tome", r_schedule=schedule, label="tome @ pitome"), images, labels,
+                            batch_size=6, repeats=0)
+    assert tome_row["arm"] == "tome @ pitome"
+    assert (tome_row["tokens"], tome_row["tokens_final"]) == (pitome_row["tokens"], pitome_row["tokens_final"])
+    # same tokens per block; only the matching cost differs (PiToMe's energy uses all pairs, ToMe's A x B)
+    assert tome_row["gflops"] == pytest.approx(pitome_row["gflops"], rel=0.05)

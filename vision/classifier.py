@@ -58,6 +58,9 @@ CLASSIFIER_PRESETS: dict[str, dict[str, Any]] = {
     # depending on the seed in the same time: on these data the conv stem carries the shape features and
     # every further block mostly costs steps.
     "tiny": dict(patch_size=4, embed_dim=128, depth=1, num_heads=4, stem="conv", stem_width=128, global_pool="avg"),
+    # CPU recipe for the token-merging benchmark: twelve blocks (merging compounds over depth, as in DeiT's
+    # 12) of width 128 behind a light conv stem (5% of the FLOPs), 2.5 M parameters.
+    "deep": dict(patch_size=4, embed_dim=128, depth=12, num_heads=4, stem="conv", stem_width=64, global_pool="avg"),
     "small": dict(patch_size=4, embed_dim=384, depth=12, num_heads=6),  # ViT-S shape, ~21M params
     "base": dict(patch_size=16, embed_dim=768, depth=12, num_heads=12),  # ViT-B/16 for 224px data
 }

@@ -3,7 +3,7 @@
 Any LightningModule / LightningDataModule is selected from YAML by ``class_path`` (subclass mode for
 both). Defaults added here:
 
-- ``RichProgressBar``;
+- ``RichProgressBar`` (left out with ``--trainer.enable_progress_bar false``);
 - ``ModelCheckpoint`` (``--checkpoint.*``): last + best by ``val/loss``, written to
   ``<trainer.default_root_dir>/checkpoints`` so that ``--ckpt_path last`` of a later run finds it;
 - loggers: CSV (``metrics.csv``) and TensorBoard when installed, under ``trainer.default_root_dir``,
@@ -46,6 +46,9 @@ class WorkbenchCLI(LightningCLI):
         trainer_config = self._get(self.config_init, "trainer", default={})
         if trainer_config.get("logger") in (None, True):
             kwargs.setdefault("logger", default_loggers(trainer_config.get("default_root_dir") or "runs/default"))
+        if trainer_config.get("enable_progress_bar") is False:  # e.g. logging to a file: no default progress bar
+            callbacks = self.trainer_defaults.get("callbacks", [])
+            self.trainer_defaults["callbacks"] = [c for c in callbacks if not isinstance(c, RichProgressBar)]
         return super().instantiate_trainer(**kwargs)
 
 
