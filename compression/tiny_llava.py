@@ -510,6 +510,9 @@ def load_llava(path: str | os.PathLike, attn_implementation: str = "sdpa", dtype
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} is not a save_pretrained directory (no config.json)")
+    model_type = json.loads((path / "config.json").read_text()).get("model_type")
+    if model_type != "llava":  # anything else would load as a default-size (7B) LLaVA with random weights
+        raise ValueError(f"{path / 'config.json'} is not a LLaVA config (model_type={model_type!r}, expected 'llava')")
     model = LlavaForConditionalGeneration.from_pretrained(path, attn_implementation=attn_implementation,
                                                           dtype=dtype, local_files_only=True).eval()
     if (path / "vocab.json").is_file():

@@ -117,3 +117,18 @@ def test_cpu_recipe_instantiates(name, tmp_path):
                              "--trainer.enable_progress_bar=false"], run=False)
     assert cli.trainer.checkpoint_callback.dirpath == str(tmp_path / "checkpoints")
     assert not any(isinstance(c, RichProgressBar) for c in cli.trainer.callbacks)  # the flag is honoured
+
+
+def test_bad_input_is_one_error_line_with_exit_code_2(tmp_path, capsys, monkeypatch):
+    from workbench.cli import main
+
+    args = ["tokenize", "--tokenizer", str(tmp_path / "nope"), "--data", "shapes", "--split", "val",
+            "--num-samples", "4", "--out", str(tmp_path / "shards")]
+    monkeypatch.delenv("VTW_DEBUG", raising=False)
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("vtw tokenize: error: ") and str(tmp_path / "nope") in err and "Traceback" not in err
+    assert not (tmp_path / "shards").exists()
+    monkeypatch.setenv("VTW_DEBUG", "1")  # the traceback on request
+    with pytest.raises(FileNotFoundError, match="nope"):
+        main(args)

@@ -52,3 +52,14 @@ def test_tome_on_pitome_schedule_keeps_the_same_tokens_per_block():
     assert (tome_row["tokens"], tome_row["tokens_final"]) == (pitome_row["tokens"], pitome_row["tokens_final"])
     # same tokens per block; only the matching cost differs (PiToMe's energy uses all pairs, ToMe's A x B)
     assert tome_row["gflops"] == pytest.approx(pitome_row["gflops"], rel=0.05)
+
+
+def test_compress_llava_rejects_a_directory_that_is_not_llava(tmp_path, capsys):
+    """A non-LLaVA save_pretrained directory must not load as a default-size (7B) random LLaVA."""
+    from vision.classifier import build_vit, classifier_config, save_classifier
+
+    cfg = classifier_config("tiny", embed_dim=32, depth=1, num_heads=2)
+    save_classifier(build_vit(cfg), cfg, None, tmp_path / "cls")
+    assert main(["compress", "llava", "--ckpt", str(tmp_path / "cls")]) == 2
+    err = capsys.readouterr().err
+    assert "not a LLaVA config" in err and str(tmp_path / "cls" / "config.json") in err

@@ -1,16 +1,23 @@
 """``vtw``: the workbench's single command line.
 
 ``vtw fit|validate|test|predict`` hand their arguments to Lightning's ``LightningCLI``; every other
-subcommand is looked up in :mod:`workbench.commands` and imported lazily.
+subcommand is looked up in :mod:`workbench.commands` and imported lazily. Bad input to those
+(``INPUT_ERRORS``) ends with one ``vtw <command>: error: ...`` line and exit code 2; ``VTW_DEBUG=1``
+shows the traceback instead.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from workbench.commands import COMMANDS, LIGHTNING_SUBCOMMANDS
+
+# What the workbench raises for bad input (a missing or wrong file, key or checkpoint; the project's
+# VolumeError and CheckpointMismatchError are ValueErrors): the CLI reports them in one line, exit code 2.
+INPUT_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, ValueError)
 
 
 def _top_parser() -> argparse.ArgumentParser:
@@ -53,7 +60,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=f"vtw {command}", description=help_line)
     module.add_arguments(parser)
     args = parser.parse_args(rest)
-    return int(module.run(args) or 0)
+    try:
+        return int(module.run(args) or 0)
+    except INPUT_ERRORS as err:  # bad files, keys, checkpoints: one line naming them, not a traceback
+        if os.environ.get("VTW_DEBUG"):
+            raise
+        print(f"vtw {command}: error: {err}\n(set VTW_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
