@@ -5,7 +5,8 @@
 1. Calibration (val split): MustDrop thresholds (stage-1 tau, stage-2 gamma = alpha) are swept;
    the setting with the best val accuracy among those cutting >= --target-cut % of the vision-token
    FLOPs is chosen (random / LLaVA-7B thresholds mean nothing for a tiny model; unify_compress.md 3.8).
-2. Test split: no dropping; MustDrop stage 1, 1+2, 1+2+3 (chosen thresholds); FastV at K=2 at the
+2. Test split: no dropping; MustDrop stage 1, 1+2, 1+2+3 (chosen thresholds); FastV at K (the first
+   stage-2 layer, 2 unless --prune-layers says otherwise) at the
    same layer-averaged vision-token budget and at the same final count; PiToMe in the vision tower
    over kept ratios; an **oracle** row (not a method: after LM layer 2 keep exactly the tokens of the
    patches that show an object, from the scene description) says whether the model needs only the
@@ -55,7 +56,10 @@ def main() -> None:
     ap.add_argument("--taus", type=float, nargs="+", default=[0.8, 0.9])
     ap.add_argument("--thrs", type=float, nargs="+", default=[0.01, 0.02, 0.05, 0.1, 0.2])
     ap.add_argument("--pitome-ratios", type=float, nargs="+", default=[0.5, 0.6, 0.75])
-    ap.add_argument("--fastv-keeps", type=int, nargs="*", default=[], help="more FastV budgets (K=2) for the curve")
+    ap.add_argument("--fastv-keeps", type=int, nargs="*", default=[], help="more FastV budgets (layer K) for the curve")
+    ap.add_argument("--prune-layers", type=int, nargs="+", default=None,
+                    help="MustDrop stage-2 layers (default (2, 6, 10, 14)); the first one is also FastV's K and "
+                         "the oracle's layer")
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
     if not Path(args.ckpt).exists():
@@ -64,6 +68,12 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     model = load_llava(args.ckpt).model
     num_layers = len(R.parts(model)["lm"].layers)
+    md_defaults = dict(TINY_MUSTDROP)
+    if args.prune_layers:
+        if sorted(set(args.prune_layers)) != args.prune_layers or not all(0 <= i < num_layers for i in args.prune_layers):
+            raise SystemExit(f"--prune-layers must be increasing LM layers in [0, {num_layers}), got {args.prune_layers}")
+        md_defaults["prune_layers"] = tuple(args.prune_layers)
+    first_layer = (args.prune_layers or list(MustDropConfig.prune_layers))[0]  # FastV's K and the oracle's layer
     val = load_vqa(args.ckpt, "val", args.calib_samples)
     test = load_vqa(args.ckpt, "test", args.num_samples)
 
@@ -71,7 +81,7 @@ def main() -> None:
     calib = [evaluate_llava_arm(model, LlavaArm("none", "none"), val, args.batch_size, 0, flops_batch=8)]
     for tau in args.taus:
         for thr in args.thrs:
-            cfg = MustDropConfig(**{**TINY_MUSTDROP, "merge_threshold": tau, "global_thr": thr, "individual_thr": thr})
+            cfg = MustDropConfig(**{**md_defaults, "merge_threshold": tau, "global_thr": thr, "individual_thr": thr})
             arm = LlavaArm(f"mustdrop tau={tau} thr={thr}", "mustdrop", cfg, extra={"tau": tau, "thr": thr})
             calib.append(evaluate_llava_arm(model, arm, val, args.batch_size, 0, flops_batch=8))
             print(f"calib {arm.name:<32} acc {calib[-1]['acc']:.1f} vision GFLOPs {calib[-1]['gflops_vision']:.4f}")
@@ -80,7 +90,7 @@ def main() -> None:
     ok = [r for r in calib[1:] if r[cut] >= args.target_cut]
     best = max(ok, key=lambda r: (r["acc"], r[cut])) if ok else max(
         calib[1:], key=lambda r: (r["acc_drop"] <= 3.0, r[cut]))
-    chosen = {**TINY_MUSTDROP, "merge_threshold": best["tau"], "global_thr": best["thr"], "individual_thr": best["thr"]}
+    chosen = {**md_defaults, "merge_threshold": best["tau"], "global_thr": best["thr"], "individual_thr": best["thr"]}
     print("chosen MustDrop thresholds:", chosen)
     meta = {"ckpt": args.ckpt, "threads": torch.get_num_threads(), "batch_size": args.batch_size,
             "flops": "prefill per answer (batch 1), FlopCounterMode under sdpa_kernel(MATH); vision = total - text-only",
@@ -97,17 +107,18 @@ def main() -> None:
     for r in rows:
         print(f"{r['arm']:<24} acc {r['acc']:.1f} vision GFLOPs {r['gflops_vision']:.4f} ans/s {r['answers_per_s']:.1f}")
     md = rows[-1]  # MustDrop, all three stages
-    oracle = LlavaArm("oracle: object tokens after L2", "oracle", oracle_layer=2)
+    oracle = LlavaArm(f"oracle: object tokens after L{first_layer}", "oracle", oracle_layer=first_layer)
     rows.append(evaluate_llava_arm(model, oracle, test, args.batch_size, args.repeats))
     print(f"{oracle.name:<24} acc {rows[-1]['acc']:.1f} final tokens {rows[-1]['vis_tokens_final']:.1f}")
     full = rows[0]["vis_tokens_in"]
-    keeps = {fastv.budget_matched_keep(md["vis_tokens_layer_mean"], full, num_layers, 2): "same mean tokens/layer as MustDrop",
+    keeps = {fastv.budget_matched_keep(md["vis_tokens_layer_mean"], full, num_layers, first_layer): "same mean tokens/layer as MustDrop",
              max(1, int(round(md["vis_tokens_final"]))): "same final tokens as MustDrop"}
     keeps.setdefault(max(1, int(round(rows[-1]["vis_tokens_final"]))), "same final tokens as the oracle")
     for keep in args.fastv_keeps:
         keeps.setdefault(keep, "sweep")
     for keep, why in keeps.items():
-        arm = LlavaArm(f"fastv K=2 keep={keep}", "fastv", fastv=fastv.FastVConfig(2, keep), extra={"budget": why})
+        arm = LlavaArm(f"fastv K={first_layer} keep={keep}", "fastv", fastv=fastv.FastVConfig(first_layer, keep),
+                       extra={"budget": why})
         rows.append(evaluate_llava_arm(model, arm, test, args.batch_size, args.repeats))
         print(f"{arm.name:<24} acc {rows[-1]['acc']:.1f} vision GFLOPs {rows[-1]['gflops_vision']:.4f}")
     for ratio in args.pitome_ratios:

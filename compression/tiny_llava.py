@@ -336,7 +336,8 @@ class TinyLlavaModule(pl.LightningModule):
     def __init__(self, preset: str = "tiny", image_size: int | None = None, patch_size: int | None = None,
                  lr: float = 3e-3, weight_decay: float = 0.05, warmup_steps: int = 100, save_dir: str | None = None,
                  tower_steps: int = 600, stem: str | None = None, object_scale: float | None = None,
-                 train_attention: str = "eager", token_dropout: float = 0.0, token_dropout_max: float = 0.95) -> None:
+                 train_attention: str = "eager", token_dropout: float = 0.0, token_dropout_max: float = 0.95,
+                 token_dropout_layers: list[int] | None = None) -> None:
         super().__init__()
         if tower_steps < 0:
             raise ValueError(f"tower_steps must be >= 0, got {tower_steps}")
@@ -349,6 +350,10 @@ class TinyLlavaModule(pl.LightningModule):
             raise ValueError("token_dropout edits the additive attention mask of the eager path: use train_attention='eager'")
         self.config = tiny_llava_config(preset, image_size=image_size, patch_size=patch_size, stem=stem,
                                         object_scale=object_scale)
+        if token_dropout_layers is not None and (
+                not token_dropout_layers or any(not 0 <= i < self.config.text_layers for i in token_dropout_layers)):
+            raise ValueError(f"token_dropout_layers must be a non-empty list of LM layers in "
+                             f"[0, {self.config.text_layers}), got {token_dropout_layers}")
         self.save_hyperparameters()
         # record the preset's values rather than None (the CLI hands save_hyperparameters its own init args,
         # and Lightning compares the initial hparams with the data module's when it logs them)
@@ -394,13 +399,15 @@ class TinyLlavaModule(pl.LightningModule):
     def sample_token_drop(self, input_ids: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, int]:
         """Token dropout for phase 2: each row, with probability ``token_dropout``, loses a uniform random
         fraction (up to ``token_dropout_max``) of its vision tokens as attention keys from LM layer
-        ``first`` on (``first`` uniform over the layers; 0 = the whole LM). Returns (drop (B, L) bool, first)."""
+        ``first`` on (``first`` uniform over ``token_dropout_layers``, default every layer; 0 = the whole LM).
+        Returns (drop (B, L) bool, first)."""
         B, L = input_ids.shape
         u = torch.rand(B, generator=generator)
         frac = torch.rand(B, generator=generator) * self.hparams.token_dropout_max
         is_vis = input_ids == self.tok.image_id
         drop = is_vis & (u < self.hparams.token_dropout)[:, None] & (torch.rand(B, L, generator=generator) < frac[:, None])
-        first = int(torch.randint(0, self.config.text_layers, (), generator=generator))
+        layers = self.hparams.get("token_dropout_layers") or list(range(self.config.text_layers))
+        first = int(layers[int(torch.randint(0, len(layers), (), generator=generator))])
         return drop.to(input_ids.device), first
 
     def _common_step(self, batch: dict[str, Tensor], stage: str) -> Tensor:

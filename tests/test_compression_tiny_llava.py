@@ -102,3 +102,15 @@ def test_token_dropout_samples_only_vision_tokens():
         TinyLlavaModule(preset="nano", token_dropout=1.5)
     with pytest.raises(ValueError, match="eager"):
         TinyLlavaModule(preset="nano", token_dropout=0.5, train_attention="sdpa")
+
+
+def test_token_dropout_layers_restrict_the_first_dropped_layer():
+    module = TinyLlavaModule(preset="nano", tower_steps=0, token_dropout=1.0, token_dropout_max=1.0,
+                             token_dropout_layers=[1])
+    ids = torch.tensor([[1, 4] + [module.tok.image_id] * 36 + [7, 8, 5]] * 8)
+    g = torch.Generator().manual_seed(0)
+    assert {module.sample_token_drop(ids, g)[1] for _ in range(20)} == {1}
+    everywhere = TinyLlavaModule(preset="nano", tower_steps=0, token_dropout=1.0)
+    assert len({everywhere.sample_token_drop(ids, g)[1] for _ in range(200)}) == everywhere.config.text_layers
+    with pytest.raises(ValueError, match="token_dropout_layers"):
+        TinyLlavaModule(preset="nano", token_dropout=0.5, token_dropout_layers=[99])
