@@ -8,7 +8,7 @@
 2. Test split: no dropping; MustDrop stage 1, 1+2, 1+2+3 (chosen thresholds); FastV at K (the first
    stage-2 layer, 2 unless --prune-layers says otherwise) at the
    same layer-averaged vision-token budget and at the same final count; PiToMe in the vision tower
-   over kept ratios; an **oracle** row (not a method: after LM layer 2 keep exactly the tokens of the
+   over kept ratios; an **oracle** row (not a method: after that first drop layer keep exactly the tokens of the
    patches that show an object, from the scene description) says whether the model needs only the
    object tokens or reads the background too. Rows: answer accuracy (per question kind), vision tokens per LM layer,
    prefill FLOPs per answer (total / vision share / of which tower + projector and LM, FlopCounterMode
