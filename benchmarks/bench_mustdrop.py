@@ -4,7 +4,9 @@
 
 1. Calibration (val split): MustDrop thresholds (stage-1 tau, stage-2 gamma = alpha) are swept;
    the setting with the best val accuracy among those cutting >= --target-cut % of the vision-token
-   FLOPs is chosen (random / LLaVA-7B thresholds mean nothing for a tiny model; unify_compress.md 3.8).
+   FLOPs is chosen (random / LLaVA-7B thresholds mean nothing for a tiny model; unify_compress.md 3.8);
+   when none reaches it, the largest cut within 3 points of the undropped val accuracy, else the
+   setting with the smallest drop.
 2. Test split: no dropping; MustDrop stage 1, 1+2, 1+2+3 (chosen thresholds); FastV at K (the first
    stage-2 layer, 2 unless --prune-layers says otherwise) at the
    same layer-averaged vision-token budget and at the same final count; PiToMe in the vision tower
@@ -88,8 +90,9 @@ def main() -> None:
     add_relative(calib)
     cut = "lm_vision_flops_cut_%" if args.cut_metric == "lm" else "vision_flops_cut_%"
     ok = [r for r in calib[1:] if r[cut] >= args.target_cut]
+    # nothing reaches the target cut: the largest cut within 3 points of val accuracy, else the smallest drop
     best = max(ok, key=lambda r: (r["acc"], r[cut])) if ok else max(
-        calib[1:], key=lambda r: (r["acc_drop"] <= 3.0, r[cut]))
+        calib[1:], key=lambda r: (r["acc_drop"] <= 3.0, r[cut] if r["acc_drop"] <= 3.0 else -r["acc_drop"]))
     chosen = {**md_defaults, "merge_threshold": best["tau"], "global_thr": best["thr"], "individual_thr": best["thr"]}
     print("chosen MustDrop thresholds:", chosen)
     meta = {"ckpt": args.ckpt, "threads": torch.get_num_threads(), "batch_size": args.batch_size,
