@@ -54,6 +54,8 @@ def main() -> int:
     p.add_argument("--thresholds", type=float, nargs="+", default=[0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9])
     p.add_argument("--quick", action="store_true")
     p.add_argument("--cache-dir", default="runs/data")
+    p.add_argument("--name", default="tokenunify_ablation",
+                   help="tables go to runs/bench/<name>/ (summary) and runs/bench/<name>_runs/ (one row per arm and seed)")
     args = p.parse_args()
     if args.quick:
         args.pretrain_steps, args.finetune_steps, args.volume = 4, 4, [16, 64, 64]
@@ -72,7 +74,6 @@ def main() -> int:
         widen_border,
     )
     from vision.tokenunify import SegMamba, TokenUnifyConfig, TokenUnifyModel, segmamba_config
-    from workbench.benchutil import save_table
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -161,11 +162,23 @@ def main() -> int:
                    "minutes": (time.time() - t0) / 60}
             rows.append(row)
             print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+        save_tables(args, rows, sizes, crop, token, net_kw, t_start)  # after every seed
+
+    return 0
+
+
+def save_tables(args, rows, sizes, crop, token, net_kw, t_start) -> None:
+    """Mean over the seeds done so far per arm; saved after every seed so a long run leaves results early."""
+    import numpy as np
+
+    from workbench.benchutil import save_table
 
     # mean over seeds per arm
     summary = []
     for arm in args.arms:
         rs = [r for r in rows if r["arm"] == arm]
+        if not rs:
+            continue
         summary.append({"arm": arm, "seeds": len(rs), "voi_mean": float(np.mean([r["voi"] for r in rs])),
                         "voi_std": float(np.std([r["voi"] for r in rs])),
                         "voi_split": float(np.mean([r["voi_split"] for r in rs])),
@@ -182,11 +195,11 @@ def main() -> int:
     meta = {"pretrain_steps": args.pretrain_steps, "finetune_steps": args.finetune_steps, "crop": crop,
             "token": token, "volume": args.volume, "pretrain_volume": sizes["pretrain"],
             "finetune_volume": sizes["finetune"], "batch_size": args.batch_size, "lr": args.lr,
-            "model": f"SegMamba tiny {net_kw}", "seeds": args.seeds, "total_minutes": (time.time() - t_start) / 60,
+            "model": f"SegMamba tiny {net_kw}", "seeds": sorted({r["seed"] for r in rows}),
+            "total_minutes": (time.time() - t_start) / 60,
             "voi_units": "bits (scikit-image convention)"}
-    save_table("tokenunify_ablation_runs", rows, meta)
-    save_table("tokenunify_ablation", summary, meta, notes="\n".join(notes))
-    return 0
+    save_table(f"{args.name}_runs", rows, meta)
+    save_table(args.name, summary, meta, notes="\n".join(notes))
 
 
 if __name__ == "__main__":
