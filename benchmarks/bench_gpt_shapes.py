@@ -7,7 +7,7 @@ space vs held-out real images, the real-vs-real floor at the same sample size, a
 (the classifier on VQGAN reconstructions of held-out token shards).
 
 Inputs default to what ``make demo`` leaves in ``runs/demo/`` (``shards/``, ``tokenizer/``, ``classifier/``);
-the demo's 3-minute tokenizer caps class consistency at 40-70%, so the recipe's numbers use the 15-minute
+the demo's 3-minute tokenizer caps class consistency at 36-69%, so the recipe's numbers use the 15-minute
 tokenizer of ``configs/vqgan_tiny_shapes.yaml`` (header) and its shards (README: the recipe end to end).
 
 Run: ``.venv/bin/python benchmarks/bench_gpt_shapes.py [--gpt CKPT] [--cfg 2 3 4] [--top-k 0 100]
