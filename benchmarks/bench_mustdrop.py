@@ -75,7 +75,7 @@ def main() -> None:
         if sorted(set(args.prune_layers)) != args.prune_layers or not all(0 <= i < num_layers for i in args.prune_layers):
             raise SystemExit(f"--prune-layers must be increasing LM layers in [0, {num_layers}), got {args.prune_layers}")
         md_defaults["prune_layers"] = tuple(args.prune_layers)
-    first_layer = (args.prune_layers or list(MustDropConfig.prune_layers))[0]  # FastV's K and the oracle's layer
+    first_layer = MustDropConfig(**md_defaults).prune_layers[0]  # FastV's K and the oracle's layer
     val = load_vqa(args.ckpt, "val", args.calib_samples)
     test = load_vqa(args.ckpt, "test", args.num_samples)
 
