@@ -34,11 +34,11 @@ LLAMAGEN_VQ16_PARAMS_M = 72.0  # LlamaGen README: VQ-16 tokenizer, 72M parameter
 
 def get_trained(kind: str, path: Path, args) -> tuple[object, dict]:
     """Load a trained tiny tokenizer from ``path`` or train it with the demo recipe."""
-    from workbench.demo_stages.vqgan import STEPS, TIME_BUDGET_S, train_tiny
+    from workbench.demo_stages.vqgan import OVERRIDES, STEPS, TIME_BUDGET_S, train_tiny
 
     if (path / "vtw_tokenizer.json").is_file() and not args.retrain:
         return load_tokenizer(path), {"trained": f"loaded {path}"}
-    overrides = {"split": "2-8"} if kind == "bae" else None
+    overrides = {"split": "2-8"} if kind == "bae" else dict(OVERRIDES)
     steps = 4 if args.quick else STEPS
     module, _, seconds, precision = train_tiny(kind, path.parent / f"{path.name}_run", path, steps,
                                                None if args.quick else TIME_BUDGET_S, quick=args.quick,
@@ -84,7 +84,7 @@ def main() -> int:
 
     rows = []
     images = shapes_val(n_val)
-    for name, kind, path, target_usage in (("tiny VQGAN (K=512, 8x8)", "vqgan", vqgan_dir, 0.8),
+    for name, kind, path, target_usage in (("tiny VQGAN (8x8 grid)", "vqgan", vqgan_dir, 0.8),
                                            ("tiny BAE (16 bits, 2-8, 8x8, thresholded bits)", "bae", bae_dir, None)):
         tok, info = get_trained(kind, path, args)
         m = evaluate_reconstruction(tok, images)

@@ -58,3 +58,20 @@ def test_image_metrics_and_evaluate_reconstruction():
     module = TokenizerModule(kind="vqgan", preset="tiny", overrides=TINY, disc_weight=0.0, perceptual_weight=0.0)
     r = evaluate_reconstruction(module.tokenizer, x, batch_size=3)
     assert r["num_images"] == 4 and 0 < r["usage"] <= 1 and 1 <= r["perplexity"] <= 32
+
+
+def test_image_gradient_loss_hand_made_and_in_the_generator_loss():
+    from tokenizers_img.losses import image_gradient_loss
+
+    x = torch.rand(2, 3, 8, 8) * 2 - 1
+    assert image_gradient_loss(x, x + 0.3) < 1e-12  # a constant offset has the same finite differences
+    # one 2x2 image, one channel: x = [[0, 1], [0, 1]], x_hat = 0 -> dx diffs (1, 1) vs 0, dy diffs (0, 0)
+    a = torch.tensor([[[[0.0, 1.0], [0.0, 1.0]]]])
+    assert image_gradient_loss(a, torch.zeros_like(a)) == pytest.approx(1.0)
+    # TokenizerModule computes it only when grad_weight > 0 (LlamaGen's loss is unchanged by default)
+    x_hat = torch.rand_like(x) * 2 - 1
+    on = TokenizerModule(kind="vqgan", preset="tiny", overrides=TINY, disc_weight=0.0, perceptual_weight=0.0,
+                         grad_weight=2.0)
+    off = TokenizerModule(kind="vqgan", preset="tiny", overrides=TINY, disc_weight=0.0, perceptual_weight=0.0)
+    assert on._grad_loss(x, x_hat) == image_gradient_loss(x, x_hat) > 0
+    assert off._grad_loss(x, x_hat) == 0 and off.hparams.grad_weight == 0

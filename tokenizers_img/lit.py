@@ -3,15 +3,17 @@
 Manual optimization with two optimizers (Adam, LlamaGen defaults lr 1e-4, betas (0.9, 0.95), grad clip
 1.0). Generator loss (LlamaGen ``vq_loss.py`` / ELM ``BinaryGAN.train_iter``)::
 
-    L_G = w_rec * {L1 | L2}(x, x_hat) + w_p * LPIPS(x, x_hat) + w_q * L_quant
+    L_G = w_rec * {L1 | L2}(x, x_hat) + w_grad * L_grad(x, x_hat) + w_p * LPIPS(x, x_hat) + w_q * L_quant
           + [step >= disc_start] * w_d * lambda * hinge_G(D(x_hat))
 
-with lambda = 1 (LlamaGen) or taming's adaptive weight (``disc_adaptive=True``, ELM). The discriminator
-step uses hinge_D on (x, sg x_hat) with the same gate. Validation logs ``val/loss`` (pixel + quantizer +
-perceptual loss), ``val/psnr`` and ``val/ssim`` (torchmetrics, images mapped to [0, 1]), codebook usage
-over the whole validation set, and writes a reconstruction grid PNG (originals above, reconstructions
-below) every validation. At the end of ``fit`` the tokenizer is saved with ``save_pretrained`` to
-``<default_root_dir>/tokenizer``.
+with lambda = 1 (LlamaGen) or taming's adaptive weight (``disc_adaptive=True``, ELM). ``L_grad``
+(``grad_weight``, default 0 as in LlamaGen) is the image-gradient loss of
+:func:`tokenizers_img.losses.image_gradient_loss`; the demo's VQGAN stage uses 4. The discriminator
+step uses hinge_D on (x, sg x_hat) with the same gate. Validation logs ``val/loss`` (pixel + gradient +
+quantizer + perceptual loss), ``val/psnr`` and ``val/ssim`` (torchmetrics, images mapped to [0, 1]),
+codebook usage over the whole validation set, and writes a reconstruction grid PNG (originals above,
+reconstructions below) every validation. At the end of ``fit`` the tokenizer is saved with
+``save_pretrained`` to ``<default_root_dir>/tokenizer``.
 
 Note: ``trainer.max_steps`` counts optimizer steps; once the discriminator is on, one batch takes two
 (Lightning counts both optimizers). ``disc_start`` and the schedules count *batches*.
@@ -36,6 +38,7 @@ from tokenizers_img.losses import (
     build_lpips,
     hinge_d_loss,
     hinge_g_loss,
+    image_gradient_loss,
 )
 
 __all__ = ["TokenizerModule", "build_tokenizer", "save_image_grid", "image_metrics", "load_any_tokenizer",
@@ -128,6 +131,7 @@ class TokenizerModule(LightningModule):
         min_lr_ratio: float = 0.1,
         rec_loss: str = "l2",  # LlamaGen: l2; ELM: l1
         rec_weight: float = 1.0,
+        grad_weight: float = 0.0,  # image-gradient (edge) loss; not in LlamaGen / ELM
         perceptual_weight: float = 1.0,  # LPIPS; switched off with a warning when weights are absent
         quant_weight: float = 1.0,
         disc_start: int = 20000,  # batches before the GAN losses switch on (LlamaGen 20000)
@@ -206,6 +210,11 @@ class TokenizerModule(LightningModule):
             return F.l1_loss(x_hat.float(), x.float())
         return F.mse_loss(x_hat.float(), x.float())
 
+    def _grad_loss(self, x: Tensor, x_hat: Tensor) -> Tensor:
+        if not self.hparams.grad_weight:
+            return x.new_zeros((), dtype=torch.float32)
+        return image_gradient_loss(x, x_hat)
+
     def _perceptual(self, x: Tensor, x_hat: Tensor) -> Tensor:
         if self.lpips is None:
             return x.new_zeros((), dtype=torch.float32)
@@ -223,7 +232,8 @@ class TokenizerModule(LightningModule):
         x_hat, q = self.tokenizer(x)
         rec = self._rec_loss(x, x_hat)
         perc = self._perceptual(x, x_hat)
-        nll = hp.rec_weight * rec + hp.perceptual_weight * perc
+        grad = self._grad_loss(x, x_hat)
+        nll = hp.rec_weight * rec + hp.grad_weight * grad + hp.perceptual_weight * perc
         loss_g = nll + hp.quant_weight * q.loss
         gan_on = self._gan_active()
         if gan_on:
@@ -259,6 +269,8 @@ class TokenizerModule(LightningModule):
         self.batches_seen += 1
         self.log("train/loss", loss_g.detach(), prog_bar=True, batch_size=x.shape[0])
         self.log("train/rec_loss", rec.detach(), batch_size=x.shape[0])
+        if hp.grad_weight:
+            self.log("train/grad_loss", grad.detach(), batch_size=x.shape[0])
         self.log("train/quant_loss", q.loss.detach(), batch_size=x.shape[0])
         if self.lpips is not None:
             self.log("train/lpips", perc.detach(), batch_size=x.shape[0])
@@ -281,7 +293,8 @@ class TokenizerModule(LightningModule):
         x_hat, q = self.tokenizer(x)
         rec = self._rec_loss(x, x_hat)
         perc = self._perceptual(x, x_hat)
-        loss = hp.rec_weight * rec + hp.perceptual_weight * perc + hp.quant_weight * q.loss
+        grad = self._grad_loss(x, x_hat)
+        loss = hp.rec_weight * rec + hp.grad_weight * grad + hp.perceptual_weight * perc + hp.quant_weight * q.loss
         m = image_metrics(x, x_hat)
         self._accumulate_usage(self.tokenizer.tokens_from_indices(q.indices))
         self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=x.shape[0])

@@ -24,9 +24,10 @@ QUICK_TRAIN_STEPS = 5
 GAMMA = 3
 NGRAM_GAMMA = 4  # n-gram drafts cost no network call, so a longer chain pays off
 LANTERN_DELTA = 0.1
-# Latent neighbours per code. The paper's k = 1000 is 6% of LlamaGen's 16,384 codes; on the demo's 512-code
-# tokenizer it clamps to V - 1, every code a neighbour of every other, and on the shapes recipe GPT that cost
-# 12 points of class consistency at delta 0.1, against 2.9 with k = 16 (README, speculative_recipe_tiny).
+# Latent neighbours per code. The paper's k = 1000 is 6% of LlamaGen's 16,384 codes, as k = 16 is of the
+# demo's 256. k = 1000 would clamp to V - 1, every code a neighbour of every other: on the 512-code shapes
+# recipe GPT that cost 12 points of class consistency at delta 0.1, against 2.9 with k = 16 (README,
+# speculative_recipe_tiny).
 LANTERN_K = 16
 DEFAULT_SAMPLING = {"cfg_scale": 2.0, "temperature": 1.0, "top_k": 0, "top_p": 1.0}
 

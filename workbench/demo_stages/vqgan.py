@@ -25,14 +25,23 @@ QUICK_STEPS = 4
 TRAIN_TOKENS, VAL_TOKENS = 20000, 1000  # images tokenized for the AR stage
 QUICK_TOKENS = 64
 LR = 2e-3
+# Image-gradient (edge) loss weight (tokenizers_img.losses.image_gradient_loss). Pixel L2 alone blurs the
+# outline of the small objects: after 800 steps the shapes classifier recognised 57% of the reconstructions
+# (26.4 dB); with weight 3, 79% (26.3 dB); with 6, 91% (25.6 dB); one run each.
+GRAD_WEIGHT = 4.0
+# 256 codes instead of the tiny preset's 512: the GPT stage learns the smaller vocabulary faster. Same
+# 280-s GPT budget, one run each: 256 codes (weight 4) 40.8% class-consistent, 512 codes (weight 3 or 6)
+# 25.0% / 22.1%; the 256-code VQGAN also reconstructs better (26.75 dB vs 26.3) while 128 codes lose
+# shape (22.4 dB, classifier 29% on reconstructions).
+OVERRIDES = {"codebook_size": 256}
 
 
 def train_tiny(kind: str, out_dir: Path, export_dir: Path, steps: int, time_budget_s: float | None, seed: int = 0,
-               quick: bool = False, overrides: dict | None = None, lr: float = LR):
+               quick: bool = False, overrides: dict | None = None, lr: float = LR, grad_weight: float = GRAD_WEIGHT):
     """Train a tiny tokenizer (``kind`` "vqgan" or "bae") on 32x32 shapes with the demo recipe.
 
-    Pixel L2 + quantizer loss, Adam (0.9, 0.95), warmup + cosine (following steps or wall time, whichever is
-    further), bf16-mixed where the CPU supports it. Returns ``(module, datamodule, seconds, precision)``.
+    Pixel L2 + image-gradient loss (``grad_weight``) + quantizer loss, Adam (0.9, 0.95), warmup + cosine
+    (following steps or wall time, whichever is further), bf16-mixed where the CPU supports it. Returns ``(module, datamodule, seconds, precision)``.
     """
     import lightning.pytorch as pl
 
@@ -45,8 +54,8 @@ def train_tiny(kind: str, out_dir: Path, export_dir: Path, steps: int, time_budg
                             train_samples=20000 if not quick else 256, val_samples=1000 if not quick else 64,
                             seed=seed)
     module = TokenizerModule(kind=kind, preset="tiny", overrides=overrides, lr=lr, warmup_steps=min(50, steps),
-                             lr_schedule="cosine", min_lr_ratio=0.05, rec_loss="l2", perceptual_weight=0.0,
-                             disc_weight=0.0, export_dir=str(export_dir), time_budget_s=time_budget_s)
+                             lr_schedule="cosine", min_lr_ratio=0.05, rec_loss="l2", grad_weight=grad_weight,
+                             perceptual_weight=0.0, disc_weight=0.0, export_dir=str(export_dir), time_budget_s=time_budget_s)
     precision = default_precision()
     trainer = pl.Trainer(
         max_steps=steps, max_time=None if time_budget_s is None else {"seconds": time_budget_s},
@@ -75,7 +84,8 @@ def run(ctx: DemoContext) -> StageResult:
     tok_dir, shards_dir = ctx.out_dir / "tokenizer", ctx.out_dir / "shards"
     steps = QUICK_STEPS if ctx.quick else STEPS
     module, data, train_s, precision = train_tiny("vqgan", out, tok_dir, steps,
-                                                  None if ctx.quick else TIME_BUDGET_S, ctx.seed, ctx.quick)
+                                                  None if ctx.quick else TIME_BUDGET_S, ctx.seed, ctx.quick,
+                                                  overrides=OVERRIDES)
     batches = module.batch_step
 
     tok = module.tokenizer.eval()
@@ -99,7 +109,8 @@ def run(ctx: DemoContext) -> StageResult:
         "## Tiny VQGAN tokenizer (LlamaGen-style) on shapes\n\n"
         f"Encoder/decoder ch {cfg.ch}, ch_mult {list(cfg.ch_mult)} (/{tok.downsample}), codebook {cfg.codebook_size} x "
         f"{cfg.codebook_embed_dim}-d l2-normalised codes with dead-code restart; {batches} batches of {BATCH_SIZE} in "
-        f"{train_s:.0f} s, precision `{precision}`, pixel L2 + VQ loss (no GAN / LPIPS in the demo budget).\n\n"
+        f"{train_s:.0f} s, precision `{precision}`, pixel L2 + {GRAD_WEIGHT:g} x image-gradient L2 + VQ loss (no GAN / "
+        "LPIPS in the demo budget).\n\n"
         f"**Validation ({metrics['num_images']} images): PSNR {metrics['psnr']:.2f} dB, SSIM {metrics['ssim']:.3f}, "
         f"codebook usage {metrics['usage'] * 100:.1f}%** (perplexity {metrics['perplexity']:.0f} of "
         f"{tok.vocab_size}). Token grid {tok.token_grid[0]}x{tok.token_grid[1]} = {tok.seq_len} tokens per image; "
