@@ -7,8 +7,9 @@ space vs held-out real images, the real-vs-real floor at the same sample size, a
 (the classifier on VQGAN reconstructions of held-out token shards).
 
 Inputs default to what ``make demo`` leaves in ``runs/demo/`` (``shards/``, ``tokenizer/``, ``classifier/``);
-the demo's 3-minute tokenizer caps class consistency at 36-69%, so the recipe's numbers use the 15-minute
-tokenizer of ``configs/vqgan_tiny_shapes.yaml`` (header) and its shards (README: the recipe end to end).
+the recipe's numbers use the 15-minute tokenizer of ``configs/vqgan_tiny_shapes.yaml`` (header) and its
+shards (README: the recipe end to end), measured when the demo's 3-minute tokenizer capped class
+consistency at 36-69%.
 
 Run: ``.venv/bin/python benchmarks/bench_gpt_shapes.py [--gpt CKPT] [--cfg 2 3 4] [--top-k 0 100]
 [--temperature 1.0 0.9]`` (every combination of the listed settings is sampled).

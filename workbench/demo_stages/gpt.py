@@ -83,13 +83,41 @@ def train_gpt(shards_dir, out_dir, steps: int, time_budget_s: float | None, seed
     return module, seconds, int(trainer.global_step), val_loss
 
 
+def sample_and_score(model, tokenizer, shards_dir, clf_dir, sampling, per_class: int, n_cls: int, num_real: int,
+                     n_val: int, seed: int, grid_png=None) -> dict:
+    """Sample ``per_class`` images for classes ``0..n_cls-1`` and score them with the shapes classifier.
+
+    Returns ``stats`` (sampling), ``scores`` (class accuracy, Frechet distance vs ``num_real`` held-out
+    images) and ``ceiling`` (the same scores for tokenizer reconstructions of ``n_val`` held-out shards).
+    """
+    from ar_gen.generation import decode_tokens, sample_tokens, save_png_grid
+    from tokenizers_img.shards import TokenShardDataset
+    from workbench.commands.eval_gen import evaluate_images
+
+    labels = torch.arange(n_cls).repeat_interleave(per_class)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny decode steps: OpenMP barriers cost more than they save (and stall on a busy CPU)
+    try:
+        tokens, stats = sample_tokens(model, labels, sampling, batch_size=64, seed=seed, desc="gpt samples")
+    finally:
+        torch.set_num_threads(threads)
+    images, decode_s = decode_tokens(tokenizer, tokens)
+    if grid_png is not None:
+        save_png_grid(images, grid_png, nrow=per_class)
+    scores = evaluate_images(images, labels, clf_dir, "test", num_real, seed)
+    # ceiling: the classifier on tokenizer reconstructions of held-out token shards
+    val_ds = TokenShardDataset(shards_dir / "val", random_aug=False)
+    n_val = min(len(val_ds), n_val)
+    recon, _ = decode_tokens(tokenizer, val_ds.tokens[:n_val, 0].long())
+    ceiling = evaluate_images(recon, val_ds.labels[:n_val], clf_dir, "test", num_real, seed)
+    return {"stats": stats, "scores": scores, "ceiling": ceiling, "decode_seconds": decode_s, "n_val": n_val}
+
+
 def run(ctx: DemoContext) -> StageResult:
-    from ar_gen.generation import check_compatible, decode_tokens, sample_tokens, save_png_grid
+    from ar_gen.generation import check_compatible
     from ar_gen.gpt import save_gpt
     from ar_gen.sampling import SamplingConfig
     from tokenizers_img.base import load_tokenizer
-    from tokenizers_img.shards import TokenShardDataset
-    from workbench.commands.eval_gen import evaluate_images
 
     shards_dir = _need(ctx, "shards_dir")
     tok_dir = _need(ctx, "tokenizer_dir")
@@ -108,25 +136,12 @@ def run(ctx: DemoContext) -> StageResult:
     c = model.config
     per_class = 2 if ctx.quick else PER_CLASS
     n_cls = min(c.num_classes, 4) if ctx.quick else c.num_classes
-    labels = torch.arange(n_cls).repeat_interleave(per_class)
     sampling = SamplingConfig(**SAMPLING)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny decode steps: OpenMP barriers cost more than they save (and stall on a busy CPU)
-    try:
-        tokens, stats = sample_tokens(model, labels, sampling, batch_size=64, seed=ctx.seed, desc="gpt samples")
-    finally:
-        torch.set_num_threads(threads)
-    images, decode_s = decode_tokens(tokenizer, tokens)
-    save_png_grid(images, out / "samples.png", nrow=per_class)
     num_real = 64 if ctx.quick else NUM_REAL
-    scores = evaluate_images(images, labels, clf_dir, "test", num_real, ctx.seed)
-
-    # ceiling: the classifier on tokenizer reconstructions of held-out token shards
-    val_ds = TokenShardDataset(shards_dir / "val", random_aug=False)
-    n_val = min(len(val_ds), 64 if ctx.quick else 1000)
-    val_tokens = val_ds.tokens[:n_val, 0].long()
-    recon, _ = decode_tokens(tokenizer, val_tokens)
-    ceiling = evaluate_images(recon, val_ds.labels[:n_val], clf_dir, "test", num_real, ctx.seed)
+    n_val = 64 if ctx.quick else 1000
+    r = sample_and_score(model, tokenizer, shards_dir, clf_dir, sampling, per_class, n_cls, num_real, n_val,
+                         ctx.seed, out / "samples.png")
+    stats, scores, ceiling, decode_s, n_val = r["stats"], r["scores"], r["ceiling"], r["decode_seconds"], r["n_val"]
 
     metrics = {
         "gpt_train_steps": done, "gpt_train_seconds": train_s, "gpt_val_loss": val_loss,
