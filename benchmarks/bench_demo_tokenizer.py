@@ -9,7 +9,7 @@ scores class consistency and the Frechet distance of generated images (``demo_st
 Arms are ``<codes>:<grad weight>``, e.g. ``512:0`` (the tiny preset with pixel L2 only, the demo before
 the change) and ``256:4`` (the demo now).
 
-    .venv/bin/python benchmarks/bench_demo_tokenizer.py --arms 512:0 512:4 256:4   # ~35 min on 2 cores
+    .venv/bin/python benchmarks/bench_demo_tokenizer.py --arms 512:0 512:4 256:4   # 29 min on 2 cores
     .venv/bin/python benchmarks/bench_demo_tokenizer.py --quick                     # smoke test
 
 Needs a shapes classifier (``--classifier``, default ``runs/demo/classifier`` from ``make demo``).
