@@ -32,6 +32,58 @@ def test_weight_decay_only_on_matrices():
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(module.model.parameters()))
 
 
+def _two_modules(compile_: bool):
+    torch.manual_seed(0)
+    eager = GPTModule(preset="GPT-test", vocab_size=16, block_size=16, num_classes=3,
+                      overrides={"rope_prefix": "identity", "token_dropout_p": 0.0, "resid_dropout_p": 0.0,
+                                 "ffn_dropout_p": 0.0})
+    other = GPTModule(preset="GPT-test", vocab_size=16, block_size=16, num_classes=3, compile=compile_,
+                      overrides={"rope_prefix": "identity", "token_dropout_p": 0.0, "resid_dropout_p": 0.0,
+                                 "ffn_dropout_p": 0.0})
+    other.model.load_state_dict(eager.model.state_dict())
+    for m in (eager, other):
+        m.log = lambda *a, **k: None  # no trainer attached
+    gen = torch.Generator().manual_seed(3)
+    batch = {"tokens": torch.randint(0, 16, (5, 16), generator=gen), "label": torch.tensor([0, 1, 2, 0, 1])}
+    return eager, other, batch
+
+
+@pytest.mark.slow
+def test_compiled_training_loss_and_grads_equal_eager(monkeypatch):
+    import torch._inductor.config as inductor_config
+
+    monkeypatch.setattr(inductor_config, "fallback_random", True)  # label dropout: eager's random stream
+    eager, compiled, batch = _two_modules(True)
+    for m in (eager, compiled):
+        torch.manual_seed(7)  # the same label-dropout draws
+        m._common_step(batch, "train").backward()
+    assert compiled.compiled and not eager.compiled
+    a, b = eager._common_step(batch, "val"), compiled._common_step(batch, "val")  # validation stays eager
+    torch.testing.assert_close(a, b)
+    for (name, p), q in zip(eager.model.named_parameters(), compiled.model.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_compile_failure_falls_back_to_eager(monkeypatch):
+    eager, other, batch = _two_modules(True)
+
+    def broken(fn, *a, **k):
+        def call(*args, **kwargs):
+            raise RuntimeError("no C++ compiler here")
+        return call
+
+    monkeypatch.setattr(torch, "compile", broken)
+    torch.manual_seed(7)
+    want = eager._common_step(batch, "train")
+    torch.manual_seed(7)
+    with pytest.warns(UserWarning, match="torch.compile failed.*no C\\+\\+ compiler.*training eagerly"):
+        got = other._common_step(batch, "train")
+    torch.testing.assert_close(got, want)
+    assert other._compile_failed and not other.compiled
+    torch.manual_seed(7)
+    torch.testing.assert_close(other._common_step(batch, "train"), want)  # no second attempt, no warning
+
+
 @pytest.fixture(scope="module")
 def tiny_setup(tmp_path_factory):
     """A random tiny VQGAN, token shards of 48 shapes images written by `vtw tokenize`, a tiny classifier."""

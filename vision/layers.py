@@ -212,7 +212,11 @@ def apply_rotary_emb_ref(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tens
 
 def apply_rotary_emb(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
     """Same result as :func:`apply_rotary_emb_ref` as one complex multiply, (x0 + i x1)(cos + i sin):
-    3 kernels instead of ~10, which matters in per-token decoding where RoPE runs twice per layer."""
+    3 kernels instead of ~10, which matters in per-token decoding where RoPE runs twice per layer.
+    Under ``torch.compile`` the real-arithmetic reference is used instead: Inductor fuses it into one
+    kernel, while complex tensors make it fall back to eager kernels."""
+    if torch.compiler.is_compiling():
+        return apply_rotary_emb_ref(x, freqs_cis)
     xs = x.float().reshape(*x.shape[:-1], -1, 2)  # (B, T, H, D/2, 2)
     if xs.storage_offset() % 2 or any(st % 2 for st in xs.stride()[:-1]) or xs.stride(-1) != 1:
         xs = xs.contiguous()  # view_as_complex needs (re, im) pairs on even strides
