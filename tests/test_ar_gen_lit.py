@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 
 import pytest
 import torch
@@ -54,10 +55,13 @@ def test_compiled_training_loss_and_grads_equal_eager(monkeypatch):
 
     monkeypatch.setattr(inductor_config, "fallback_random", True)  # label dropout: eager's random stream
     eager, compiled, batch = _two_modules(True)
+    losses = []
     for m in (eager, compiled):
         torch.manual_seed(7)  # the same label-dropout draws
-        m._common_step(batch, "train").backward()
+        losses.append(m._common_step(batch, "train"))
+        losses[-1].backward()
     assert compiled.compiled and not eager.compiled
+    torch.testing.assert_close(losses[1], losses[0])
     a, b = eager._common_step(batch, "val"), compiled._common_step(batch, "val")  # validation stays eager
     torch.testing.assert_close(a, b)
     for (name, p), q in zip(eager.model.named_parameters(), compiled.model.parameters()):
@@ -81,7 +85,9 @@ def test_compile_failure_falls_back_to_eager(monkeypatch):
     torch.testing.assert_close(got, want)
     assert other._compile_failed and not other.compiled
     torch.manual_seed(7)
-    torch.testing.assert_close(other._common_step(batch, "train"), want)  # no second attempt, no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no second attempt, no second warning
+        torch.testing.assert_close(other._common_step(batch, "train"), want)
 
 
 @pytest.fixture(scope="module")
