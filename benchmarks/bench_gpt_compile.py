@@ -2,9 +2,10 @@
 
 Part 1 (always): one training step of a GPT preset (forward, CE loss, backward, clipping, AdamW) on random
 tokens, eager and compiled, in the precision the workbench picks for this machine (bf16-mixed with AMX,
-else fp32). Reports the first-call seconds (compiling, with an empty Inductor cache unless ``--warm-cache``), milliseconds per step after warm-up, the ratio, and
-the largest difference between the eager and compiled losses over the timed steps (both models start from
-the same weights and see the same batches).
+else fp32). Reports the first-call seconds (compiling, with an empty Inductor cache unless
+``--warm-cache``), milliseconds per step after warm-up, the ratio, and the largest difference between the
+eager and compiled losses over the timed steps (both models start from the same weights and see the same
+batches).
 
 Part 2 (``--shards``): the demo GPT stage itself (``workbench.demo_stages.gpt.train_gpt``) for the same
 wall-clock budget eager and compiled, then ``sample_and_score`` (class consistency and Frechet distance of
@@ -121,7 +122,7 @@ def demo_arms(args) -> list[dict]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--presets", nargs="+", default=["GPT-tiny"], help="GPT presets for part 1 (demo overrides)")
+    ap.add_argument("--presets", nargs="+", default=["GPT-tiny"], help="GPT presets for part 1 (their sizes, the demo's dropout/RoPE settings)")
     ap.add_argument("--vocab", type=int, default=256)
     ap.add_argument("--seq", type=int, default=64)
     ap.add_argument("--batch", type=int, default=64)
