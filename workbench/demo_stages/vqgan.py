@@ -38,7 +38,8 @@ def train_tiny(kind: str, out_dir: Path, export_dir: Path, steps: int, time_budg
     """Train a tiny tokenizer (``kind`` "vqgan" or "bae") on 32x32 shapes with the demo recipe.
 
     Pixel L2 + image-gradient loss (``grad_weight``) + quantizer loss, Adam (0.9, 0.95), warmup + cosine
-    (following steps or wall time, whichever is further), bf16-mixed where the CPU supports it. Returns ``(module, datamodule, seconds, precision)``.
+    (following steps or wall time, whichever is further), bf16-mixed where the CPU supports it.
+    Returns ``(module, datamodule, seconds, precision)``.
     """
     import lightning.pytorch as pl
 
