@@ -395,7 +395,8 @@ class GPT(nn.Module):
             if input_pos.shape[0] != t:
                 raise ValueError(f"input_pos has {input_pos.shape[0]} positions for {t} new embeddings")
             freqs = self.freqs_cis[input_pos]  # (T, D/2, 2)
-            if mask is None:
+            # one token at slot kv_len - 1 sees every slot < kv_len: no mask needed (a faster SDPA call)
+            if mask is None and not _is_last_slot(input_pos, kv_len):
                 mask = self.causal_mask[input_pos]  # (T, S): slot j visible iff j <= pos
                 if kv_len is not None:
                     mask = mask[:, :kv_len]
@@ -431,6 +432,13 @@ class GPT(nn.Module):
 # Save / load (own format) and the LlamaGen converter
 # --------------------------------------------------------------------------------------------------
 _IGNORED_SUFFIXES = ("freqs_cis", "causal_mask", ".kv_cache.k_cache", ".kv_cache.v_cache")
+
+
+def _is_last_slot(input_pos: torch.Tensor, kv_len: int | None) -> bool:
+    """True for one new token written at cache slot ``kv_len - 1`` (the plain decode step, CPU eager)."""
+    if kv_len is None or input_pos.shape[0] != 1 or input_pos.device.type != "cpu" or torch.compiler.is_compiling():
+        return False
+    return int(input_pos[0]) == kv_len - 1
 
 
 def _clean_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

