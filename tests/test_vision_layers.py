@@ -140,6 +140,8 @@ def test_kv_cache_update_writes_slots_and_rollback_overwrites():
         run.update(torch.tensor([slot]), kv[:, :, j:j + 1], -kv[:, :, j:j + 1])
     assert torch.equal(scattered.k_cache, run.k_cache) and torch.equal(scattered.v_cache, run.v_cache)
     assert scattered.k_cache[:, :, [1, 3, 5]].eq(0).all()
+    with pytest.raises(IndexError):  # a negative slot is an error, never a write from the end
+        run.update(torch.tensor([-1]), kv[:, :, :1], kv[:, :, :1])
     with pytest.raises(ValueError, match="max_batch"):
         cache.update(torch.tensor([0]), torch.ones(4, 2, 1, 4), torch.ones(4, 2, 1, 4))
 

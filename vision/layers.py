@@ -448,8 +448,9 @@ def _consecutive_start(input_pos: torch.Tensor) -> int | None:
     if input_pos.device.type != "cpu" or torch.compiler.is_compiling():
         return None
     pos = input_pos.tolist()
-    start = pos[0]
-    return start if pos == list(range(start, start + len(pos))) else None
+    if not pos or pos[0] < 0:  # nothing to write, or a negative slot (index_copy_ rejects it; narrow would wrap)
+        return None
+    return pos[0] if pos == list(range(pos[0], pos[0] + len(pos))) else None
 
 
 class Attention(nn.Module):
