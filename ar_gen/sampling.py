@@ -195,8 +195,8 @@ def generate(model, cond: torch.Tensor, cfg: SamplingConfig | None = None, num_t
 
     ``cond_null`` defaults to ``model.null_cond``. Caches are (re)allocated for the doubled batch unless
     ``setup_caches=False`` (then the caller's caches must be large enough). ``packed_weights`` runs the
-    decode steps' linears on MKL-packed fp32 weights (:func:`vision.layers.packed_linears`; same
-    results as ``F.linear``, no effect below 4 rows, on GPU, other dtypes or builds without MKL).
+    decode steps' linears on packed fp32 weights (:func:`vision.layers.packed_linears`: MKL on Intel, oneDNN
+    elsewhere; same results as ``F.linear``, no effect on GPU, other dtypes or builds without either).
     """
     cfg = cfg or SamplingConfig()
     c = model.config

@@ -276,8 +276,8 @@ def speculative_generate(target: CachedTarget, drafter: Drafter, labels: torch.T
     sum_x min(p~, q), far above p(top-1) on the flat distributions of visual AR) or "top1" (deterministic
     drafts, accept with min(1, p~(x)), LANTERN's dynamic-tree rule on a chain); both are lossless at
     delta = 0. Drafters that return no q (the n-gram table) are verified as top-1 drafts.
-    ``packed_weights``: the fp32 CPU linears of target and drafter run on MKL-packed weights for the row
-    counts the loop uses (``packing(rows, gamma)`` of each model; :class:`vision.layers.packed_linears`),
+    ``packed_weights``: the fp32 CPU linears of target and drafter run on packed weights (MKL or oneDNN)
+    for the row counts the loop uses (``packing(rows, gamma)`` of each model; :class:`vision.layers.packed_linears`),
     as plain decoding does. Returns tokens (B, N) and :class:`SpecStats`.
     """
     acceptance = acceptance or AcceptanceConfig("exact")

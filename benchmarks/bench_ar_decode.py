@@ -6,7 +6,8 @@ CPU, 8 images with classifier-free guidance (16 rows), 256 tokens, plain multino
 
 Compared side by side in one process, interleaved, median of ``--repeats`` runs after a warm-up:
 * ``workbench``: :func:`ar_gen.sampling.generate` (static KV cache, decode attends to filled slots only,
-  linears on MKL-packed weights); ``workbench-unpacked``: the same loop on ``F.linear``;
+  linears on packed weights: MKL's on Intel, oneDNN's elsewhere, ``VTW_PACKED_LINEAR`` picks one);
+  ``workbench-unpacked``: the same loop on ``F.linear``;
 * ``hf-static``: transformers ``LlamaForCausalLM.generate(cache_implementation="static")`` on the same
   shape and the same 16 rows (no CFG arithmetic: HF has none; this is LANTERN's timing baseline);
 * ``llamagen``: LlamaGen's own ``generate`` (FoundationVision/LlamaGen ``autoregressive/models``), only
@@ -37,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ar_gen.gpt import GPT, gpt_config  # noqa: E402
 from ar_gen.sampling import SamplingConfig, generate  # noqa: E402
-from vision.layers import packed_linear_available  # noqa: E402
+from vision.layers import packed_linear_available, packed_linear_backend  # noqa: E402
 from workbench.benchutil import save_table  # noqa: E402
 
 VOCAB, DIM, LAYERS, HEADS, HIDDEN = 16384, 768, 12, 12, 2048
@@ -266,6 +267,7 @@ def main() -> int:
         "bound": "workbench: weights + filled KV slots per step; hf/llamagen: weights + whole static cache per step",
         "cost_growth_exponent": round(slope, 3),
         "threads": torch.get_num_threads(),
+        "packed_linear_backend": packed_linear_backend(),
         "command": " ".join(["python", *sys.argv]),
     }
     save_table("ar_decode", rows_out, meta, notes="\n".join(notes))

@@ -338,11 +338,14 @@ def test_draw_categorical_law_support_and_edges():
         draw_categorical(torch.tensor([[0.5, float("nan")]]), g)
 
 
-def test_packed_linears_match_f_linear_and_restore():
+@pytest.mark.parametrize("backend", ["mkl", "onednn"])
+def test_packed_linears_match_f_linear_and_restore(backend, monkeypatch):
+    import vision.layers as layers
     from vision.layers import packed_linear_available, packed_linears
 
-    if not packed_linear_available():
-        pytest.skip("this torch build has no MKL packed sgemm ops (non-x86 or VTW_PACKED_LINEAR=0)")
+    if not packed_linear_available(backend):
+        pytest.skip(f"this torch build has no {backend} packed linear ops (non-x86)")
+    monkeypatch.setattr(layers, "_PACKED_LINEAR", backend)  # generate() below packs with the default backend
     torch.manual_seed(0)
     model = tiny(vocab_size=64, block_size=16).eval()
     x = torch.randn(6, 1, model.config.dim)
@@ -350,7 +353,7 @@ def test_packed_linears_match_f_linear_and_restore():
     with torch.no_grad():
         ref = lin(x)
         with packed_linears(model, rows=6) as packed:
-            assert lin in packed.patched and "forward" in lin.__dict__
+            assert lin in packed.patched and lin.forward.backend == backend
             assert torch.allclose(lin(x), ref, atol=1e-5)
             assert torch.allclose(lin(x[:3]), ref[:3], atol=1e-6)  # other row counts: F.linear
         assert "forward" not in lin.__dict__ and not packed.patched
@@ -365,11 +368,12 @@ def test_packed_linears_match_f_linear_and_restore():
     assert torch.equal(fast, slow)
 
 
-def test_packed_linears_several_row_counts_and_modules():
+@pytest.mark.parametrize("backend", ["mkl", "onednn"])
+def test_packed_linears_several_row_counts_and_modules(backend):
     from vision.layers import packed_linear_available, packed_linears
 
-    if not packed_linear_available():
-        pytest.skip("this torch build has no MKL packed sgemm ops (non-x86 or VTW_PACKED_LINEAR=0)")
+    if not packed_linear_available(backend):
+        pytest.skip(f"this torch build has no {backend} packed linear ops (non-x86)")
     torch.manual_seed(0)
     model = tiny(vocab_size=64, block_size=16).eval()
     head, wqkv = model.output, model.layers[0].attention.wqkv
@@ -378,7 +382,7 @@ def test_packed_linears_several_row_counts_and_modules():
         ref_head, ref_qkv = head(x), wqkv(x)
         # the head is reached through both specs: it gets both row counts, the other linears only 8;
         # row counts below PACKED_MIN_ROWS (2 here) stay on F.linear
-        with packed_linears.of([(model, 8), (head, (2, 5, 8))]) as packed:
+        with packed_linears.of([(model, 8), (head, (2, 5, 8))], backend=backend) as packed:
             assert head.forward.packed_rows == (5, 8) and wqkv.forward.packed_rows == (8,)
             assert len(packed.patched) == len({id(m) for m in model.modules() if isinstance(m, torch.nn.Linear)})
             torch.testing.assert_close(head(x), ref_head, atol=1e-5, rtol=1e-5)
@@ -388,3 +392,26 @@ def test_packed_linears_several_row_counts_and_modules():
         assert not any("forward" in m.__dict__ for m in model.modules())
     with pytest.raises(ValueError, match="row counts must be >= 1"):
         packed_linears(model, rows=(0, 2))
+
+
+def test_packed_linear_backend_choice(monkeypatch):
+    import vision.layers as layers
+
+    ops = {"mkl": True, "onednn": True}
+    monkeypatch.setattr(layers, "_backend_ops_present", lambda b: ops[b])
+    monkeypatch.setattr(layers, "_cpu_vendor", lambda: "GenuineIntel")
+    assert layers.packed_linear_backend("auto") == "mkl"
+    monkeypatch.setattr(layers, "_cpu_vendor", lambda: "AuthenticAMD")
+    assert layers.packed_linear_backend("auto") == "onednn"
+    ops["onednn"] = False  # auto falls back to what the build has; a forced backend it lacks means no packing
+    assert layers.packed_linear_backend("auto") == "mkl"
+    assert layers.packed_linear_backend("onednn") is None
+    assert layers.packed_linear_backend("0") is None and layers.packed_linear_backend("MKL") == "mkl"
+    with pytest.raises(ValueError, match="VTW_PACKED_LINEAR"):
+        layers.packed_linear_backend("blas")
+    # oneDNN also packs big layers below PACKED_MIN_ROWS; MKL never does
+    packed_linears = layers.packed_linears
+    big = torch.nn.Linear(1024, 1024, bias=False)
+    assert packed_linears(big, 1, backend="mkl")._packs(big, 1) is False
+    ops["onednn"] = True
+    assert packed_linears(big, 1, backend="onednn")._packs(big, 1) is True

@@ -29,10 +29,14 @@ Shapes (B batch, T new tokens, S cache length, H heads, Hkv kv heads, D head dim
 | ``KVCache.update(pos, k, v)``   | pos (T,), k/v (B, Hkv, T, D)            | cache (B, Hkv, S, D) |
 
 Packed weights for decoding: :func:`packed_linears` (a context manager) runs every fp32 ``nn.Linear``
-under a module on weights pre-packed once by MKL (``cblas_sgemm_pack``, through ``torch.ops.mkl``, the
-kernels TorchInductor uses for frozen CPU linears) whenever the flattened input has exactly ``rows``
-rows: the small-M matmuls of a KV-cached decode step. Any other input, and every module outside the
-``with`` block, goes through ``F.linear`` (the reference); ``VTW_PACKED_LINEAR=0`` switches it off.
+under a module on weights pre-packed once whenever the flattened input has one of the given row counts:
+the small-M matmuls of a KV-cached decode step. Two backends, the kernels TorchInductor uses for frozen
+CPU linears: MKL's packed sgemm (``cblas_sgemm_pack`` through ``torch.ops.mkl``) and oneDNN's blocked
+weights (``torch.ops.mkldnn._linear_pointwise``). ``VTW_PACKED_LINEAR=auto`` (the default) takes MKL on
+Intel CPUs and oneDNN elsewhere: on an AMD EPYC (Zen 4) MKL's fp32 path is 2-3x slower than oneDNN's at
+16 rows, slower even than ``F.linear`` (``benchmarks/bench_packed_linear.py``); ``mkl`` / ``onednn``
+force one, ``0`` switches packing off. Any other input, and every module outside the ``with`` block,
+goes through ``F.linear`` (the reference).
 
 Fast path / reference: ``attention`` dispatches to ``F.scaled_dot_product_attention`` when
 ``fused=True`` (the default, switch globally with ``VTW_FUSED_ATTN=0`` or :func:`set_fused_attn`) and to
@@ -66,6 +70,7 @@ __all__ = [
     "attention_ref",
     "find_multiple",
     "packed_linear_available",
+    "packed_linear_backend",
     "packed_linears",
     "precompute_freqs_cis",
     "precompute_freqs_cis_2d",
@@ -73,7 +78,8 @@ __all__ = [
     "use_fused_attn",
 ]
 
-_PACKED_LINEAR = os.environ.get("VTW_PACKED_LINEAR", "1") not in ("0", "false", "False")
+_PACKED_LINEAR = os.environ.get("VTW_PACKED_LINEAR", "auto").strip().lower()
+_PACKED_BACKENDS = ("mkl", "onednn")
 _USE_FUSED_ATTN = os.environ.get("VTW_FUSED_ATTN", "1") not in ("0", "false", "False")
 
 
@@ -309,19 +315,57 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
                                           scale=scale, enable_gqa=gqa)
 
 
-def packed_linear_available() -> bool:
-    """True when this torch build has MKL's packed sgemm ops (x86 CPU wheels do) and the flag is on."""
-    if not _PACKED_LINEAR or not torch.backends.mkl.is_available():
-        return False
+def _cpu_vendor() -> str:
     try:
-        return hasattr(torch.ops.mkl, "_mkl_linear") and hasattr(torch.ops.mkl, "_mkl_reorder_linear_weight")
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+def _backend_ops_present(backend: str) -> bool:
+    try:
+        if backend == "mkl":
+            return (torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_linear")
+                    and hasattr(torch.ops.mkl, "_mkl_reorder_linear_weight"))
+        return (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+                and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
     except (AttributeError, RuntimeError):
         return False
 
 
-# Below this many rows MKL's unpacked path (gemv-like) is as fast as the packed one or faster; from 4 rows on
-# packing wins (``benchmarks/bench_packed_linear.py``: 192- to 2048-wide layers at 1-16 rows).
+def packed_linear_backend(choice: str | None = None) -> str | None:
+    """The packing backend :func:`packed_linears` uses: ``"mkl"``, ``"onednn"`` or None (no packing).
+
+    ``choice`` (default: ``$VTW_PACKED_LINEAR``, else ``"auto"``): ``auto`` = MKL on GenuineIntel CPUs,
+    oneDNN on others (AMD: MKL's fp32 kernels there are slower than ``F.linear`` at decode row counts),
+    falling back to whichever this torch build has; ``mkl`` / ``onednn`` = that one, None when the build
+    lacks it; ``0`` / ``off`` / ``false`` = None."""
+    choice = (_PACKED_LINEAR if choice is None else choice).strip().lower()
+    if choice in ("0", "off", "false", "none"):
+        return None
+    if choice in _PACKED_BACKENDS:
+        return choice if _backend_ops_present(choice) else None
+    if choice not in ("auto", "1", "true"):
+        raise ValueError(f"VTW_PACKED_LINEAR / backend must be auto, mkl, onednn or 0, got {choice!r}")
+    order = ("mkl", "onednn") if _cpu_vendor() == "GenuineIntel" else ("onednn", "mkl")
+    return next((b for b in order if _backend_ops_present(b)), None)
+
+
+def packed_linear_available(backend: str | None = None) -> bool:
+    """True when :func:`packed_linear_backend` finds a packing backend (x86 CPU wheels have both)."""
+    return packed_linear_backend(backend) is not None
+
+
+# Below this many rows the unpacked path (gemv-like) is as fast as the packed one or faster; from 4 rows on
+# packing wins (``benchmarks/bench_packed_linear.py``: 192- to 2048-wide layers at 1-16 rows). oneDNN also
+# wins below 4 rows on layers of at least ONEDNN_SMALL_ROWS_MIN_WEIGHTS weights (768x768 at 2 rows: 55 vs
+# 131 us on an AMD EPYC), while on a 192x576 layer at 1 row its call overhead doubles the time (29 vs 16 us).
 PACKED_MIN_ROWS = 4
+ONEDNN_SMALL_ROWS_MIN_WEIGHTS = 1 << 19
 
 
 def _row_counts(rows: int | Iterable[int]) -> tuple[int, ...]:
@@ -333,28 +377,38 @@ def _row_counts(rows: int | Iterable[int]) -> tuple[int, ...]:
 
 class packed_linears:  # noqa: N801  (used as a context manager, like torch.no_grad)
     """``with packed_linears(model, rows): ...`` -- fp32 CPU ``nn.Linear`` layers under ``model`` multiply
-    inputs with exactly ``rows`` rows (after flattening the leading dims) by MKL-packed copies of their
-    weights; other inputs use ``F.linear``. Packing is done once on entry (extra memory: one packed copy
-    of those weights per row count, freed on exit); the original forward is restored on exit. A no-op
-    when :func:`packed_linear_available` is False or ``enabled`` is False. Inference only (no autograd).
+    inputs with one of the row counts ``rows`` (after flattening the leading dims) by packed copies of
+    their weights; other inputs use ``F.linear``. Packing is done once on entry (extra memory: with MKL,
+    which packs for one row count, one copy per weight and row count; with oneDNN one per weight); the
+    original forward is restored on exit. A no-op when no backend is available
+    (:func:`packed_linear_backend`; ``backend`` overrides ``$VTW_PACKED_LINEAR``) or ``enabled`` is
+    False. Inference only (no autograd).
 
-    Row counts below ``PACKED_MIN_ROWS`` (4) are not packed: there MKL's plain path is as fast
-    (``benchmarks/bench_packed_linear.py``). ``rows`` may be several row counts (MKL packs a weight for
-    one row count, so each gets its own copy), and ``packed_linears.of([(module, rows), ...])`` packs
-    several modules with their own row counts; a linear reached through two of them gets the union
-    (speculative decoding: the target's layers see ``rows x (gamma + 1)`` rows, its output head also the
-    drafter's ``rows``)."""
+    Row counts below ``PACKED_MIN_ROWS`` (4) are not packed: there the plain path is as fast
+    (``benchmarks/bench_packed_linear.py``), except with oneDNN on layers of at least
+    ``ONEDNN_SMALL_ROWS_MIN_WEIGHTS`` weights. ``packed_linears.of([(module, rows), ...])`` packs several
+    modules with their own row counts; a linear reached through two of them gets the union (speculative
+    decoding: the target's layers see ``rows x (gamma + 1)`` rows, its output head also the drafter's
+    ``rows``)."""
 
-    def __init__(self, module: nn.Module, rows: int | Iterable[int], enabled: bool = True) -> None:
+    def __init__(self, module: nn.Module, rows: int | Iterable[int], enabled: bool = True,
+                 backend: str | None = None) -> None:
         self.specs = [(module, _row_counts(rows))]
-        self.enabled = enabled and packed_linear_available()
+        self.backend = packed_linear_backend(backend) if enabled else None
+        self.enabled = self.backend is not None
         self.patched: list[nn.Linear] = []
 
     @classmethod
-    def of(cls, specs: Iterable[tuple[nn.Module, int | Iterable[int]]], enabled: bool = True) -> packed_linears:
-        out = cls(nn.Identity(), (), enabled)  # an empty placeholder spec, replaced by the real ones
+    def of(cls, specs: Iterable[tuple[nn.Module, int | Iterable[int]]], enabled: bool = True,
+           backend: str | None = None) -> packed_linears:
+        out = cls(nn.Identity(), (), enabled, backend)  # an empty placeholder spec, replaced by the real ones
         out.specs = [(module, _row_counts(rows)) for module, rows in specs]
         return out
+
+    def _packs(self, lin: nn.Linear, rows: int) -> bool:
+        if rows >= PACKED_MIN_ROWS:
+            return True
+        return self.backend == "onednn" and lin.weight.numel() >= ONEDNN_SMALL_ROWS_MIN_WEIGHTS
 
     def __enter__(self) -> packed_linears:
         if not self.enabled:
@@ -365,17 +419,21 @@ class packed_linears:  # noqa: N801  (used as a context manager, like torch.no_g
                 w = lin.weight if isinstance(lin, nn.Linear) else None
                 if w is None or w.device.type != "cpu" or w.dtype != torch.float32 or "forward" in lin.__dict__:
                     continue
-                wanted.setdefault(id(lin), (lin, set()))[1].update(r for r in rows if r >= PACKED_MIN_ROWS)
+                wanted.setdefault(id(lin), (lin, set()))[1].update(r for r in rows if self._packs(lin, r))
         for lin, rows in wanted.values():
             if rows:
                 w = lin.weight.detach()
-                packed = {r: torch.ops.mkl._mkl_reorder_linear_weight(w, r) for r in sorted(rows)}
-                lin.forward = self._packed_forward(lin, packed)
+                if self.backend == "mkl":
+                    packed = {r: torch.ops.mkl._mkl_reorder_linear_weight(w, r) for r in sorted(rows)}
+                else:  # oneDNN's blocked layout serves every row count; the hint tunes it for the largest
+                    blocked = torch.ops.mkldnn._reorder_linear_weight(w, max(rows))
+                    packed = dict.fromkeys(sorted(rows), blocked)
+                lin.forward = self._packed_forward(lin, packed, self.backend)
                 self.patched.append(lin)
         return self
 
     @staticmethod
-    def _packed_forward(lin: nn.Linear, packed: dict[int, torch.Tensor]):
+    def _packed_forward(lin: nn.Linear, packed: dict[int, torch.Tensor], backend: str):
         weight = lin.weight.detach()  # detached once: the hot path does no per-call autograd bookkeeping
         bias = None if lin.bias is None else lin.bias.detach()
 
@@ -384,10 +442,14 @@ class packed_linears:  # noqa: N801  (used as a context manager, like torch.no_g
             pw = packed.get(flat.shape[0])
             if pw is None or x.dtype != torch.float32 or torch.is_grad_enabled():
                 return F.linear(x, lin.weight, lin.bias)
-            out = torch.ops.mkl._mkl_linear(flat.contiguous(), pw, weight, bias, flat.shape[0])
+            if backend == "mkl":
+                out = torch.ops.mkl._mkl_linear(flat.contiguous(), pw, weight, bias, flat.shape[0])
+            else:
+                out = torch.ops.mkldnn._linear_pointwise(flat.contiguous(), pw, bias, "none", [], "")
             return out.view(*x.shape[:-1], out.shape[-1])  # (..., C_out)
 
         forward.packed_rows = tuple(sorted(packed))  # the row counts with a packed copy (introspection)
+        forward.backend = backend
         return forward
 
     def __exit__(self, *exc) -> None:

@@ -37,6 +37,18 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (``platform.processor()`` elsewhere): results differ by CPU
+    (MKL's fp32 kernels, for one, are 2-3x slower on AMD than on Intel at decode shapes)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
 def save_table(name: str, rows: list[dict[str, Any]], meta: dict[str, Any] | None = None,
                root: str | os.PathLike = "runs/bench", notes: str = "") -> Path:
     """Print ``rows`` as a table and write ``<root>/<name>/results.{md,json}``; returns the folder."""
@@ -44,8 +56,8 @@ def save_table(name: str, rows: list[dict[str, Any]], meta: dict[str, Any] | Non
 
     meta = dict(meta or {})
     meta.setdefault("date", time.strftime("%Y-%m-%d %H:%M:%S"))
-    meta.setdefault("machine", f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, "
-                    f"{torch.get_num_threads()} threads")
+    meta.setdefault("machine", f"{cpu_model()} ({platform.machine()}), {os.cpu_count()} cores, torch "
+                    f"{torch.__version__}, {torch.get_num_threads()} threads")
     table = markdown_table(rows)
     print(f"\n## {name}\n")
     print(table)
