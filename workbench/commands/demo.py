@@ -68,10 +68,13 @@ def run(args: argparse.Namespace) -> int:
 def _report(sections: list[str], ctx, seconds: float) -> str:
     import torch
 
+    from workbench.benchutil import cpu_model
+
     header = (
         "# Vision-token workbench demo\n\n"
         f"Built-in procedural shapes data, seed {ctx.seed}{' (quick smoke budget)' if ctx.quick else ''}; "
-        f"{seconds / 60:.1f} min on {torch.get_num_threads()} CPU threads "
-        f"(torch {torch.__version__}).\n\n"
+        f"{seconds / 60:.1f} min on {torch.get_num_threads()} CPU threads of {cpu_model()} "
+        f"(torch {torch.__version__}). The stages train for fixed wall-clock budgets, so a slower CPU gets "
+        "fewer steps and lower figures.\n\n"
     )
     return header + "\n\n".join(sections) + "\n"
