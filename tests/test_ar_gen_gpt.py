@@ -415,3 +415,23 @@ def test_packed_linear_backend_choice(monkeypatch):
     assert packed_linears(big, 1, backend="mkl")._packs(big, 1) is False
     ops["onednn"] = True
     assert packed_linears(big, 1, backend="onednn")._packs(big, 1) is True
+
+
+def test_packed_linears_fall_back_when_packing_fails(monkeypatch):
+    from vision.layers import packed_linear_available, packed_linears
+
+    if not packed_linear_available("onednn"):
+        pytest.skip("this torch build has no oneDNN packed linear ops (non-x86)")
+    model = tiny(vocab_size=64, block_size=16).eval()
+    x = torch.randn(8, model.config.dim)
+    with torch.no_grad():
+        ref = model.output(x)
+
+        def broken(self, weight, rows):
+            raise RuntimeError("unsupported on this CPU")
+
+        monkeypatch.setattr(packed_linears, "_pack", broken)
+        with pytest.warns(UserWarning, match="packing failed"):
+            with packed_linears(model, rows=8, backend="onednn") as packed:
+                assert not packed.patched and not any("forward" in m.__dict__ for m in model.modules())
+                torch.testing.assert_close(model.output(x), ref)

@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from collections.abc import Iterable
 from typing import Literal
 
@@ -422,15 +423,23 @@ class packed_linears:  # noqa: N801  (used as a context manager, like torch.no_g
                 wanted.setdefault(id(lin), (lin, set()))[1].update(r for r in rows if self._packs(lin, r))
         for lin, rows in wanted.values():
             if rows:
-                w = lin.weight.detach()
-                if self.backend == "mkl":
-                    packed = {r: torch.ops.mkl._mkl_reorder_linear_weight(w, r) for r in sorted(rows)}
-                else:  # oneDNN's blocked layout serves every row count; the hint tunes it for the largest
-                    blocked = torch.ops.mkldnn._reorder_linear_weight(w, max(rows))
-                    packed = dict.fromkeys(sorted(rows), blocked)
+                try:
+                    packed = self._pack(lin.weight.detach(), sorted(rows))
+                except (RuntimeError, NotImplementedError) as err:  # a build or CPU the op does not support
+                    warnings.warn(f"packed_linears: {self.backend} weight packing failed ({err}); "
+                                  "decoding on F.linear (set VTW_PACKED_LINEAR to another backend or 0)", stacklevel=2)
+                    self.__exit__(None, None, None)
+                    return self
                 lin.forward = self._packed_forward(lin, packed, self.backend)
                 self.patched.append(lin)
         return self
+
+    def _pack(self, weight: torch.Tensor, rows: list[int]) -> dict[int, torch.Tensor]:
+        """Packed copies of ``weight`` (C_out, C_in) keyed by row count."""
+        if self.backend == "mkl":  # MKL packs for one row count: a copy per count
+            return {r: torch.ops.mkl._mkl_reorder_linear_weight(weight, r) for r in rows}
+        blocked = torch.ops.mkldnn._reorder_linear_weight(weight, max(rows))  # one layout serves every count
+        return dict.fromkeys(rows, blocked)
 
     @staticmethod
     def _packed_forward(lin: nn.Linear, packed: dict[int, torch.Tensor], backend: str):
