@@ -53,12 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--calls", type=int, default=200)
     ap.add_argument("--repeats", type=int, default=7)
     args = ap.parse_args(argv)
-    from vision.layers import (
-        ONEDNN_SMALL_ROWS_MIN_WEIGHTS,
-        PACKED_MIN_ROWS,
-        packed_linear_available,
-        packed_linear_backend,
-    )
+    from vision.layers import PACKED_MIN_ROWS, packed_linear_available, packed_linear_backend, packs_rows
 
     backends = [b for b in ("mkl", "onednn") if packed_linear_available(b)]
     if not backends:
@@ -92,8 +87,7 @@ def main(argv: list[str] | None = None) -> int:
             for name in backends:
                 row[f"{name}_us"] = round(med[name], 1)
                 row[f"{name}_speedup"] = round(med["f_linear"] / med[name], 2)
-            packs = rows >= PACKED_MIN_ROWS or (auto == "onednn" and c_in * c_out >= ONEDNN_SMALL_ROWS_MIN_WEIGHTS)
-            row["workbench_uses"] = auto if packs and auto else "f_linear"
+            row["workbench_uses"] = auto if packs_rows(auto, c_in * c_out, rows) else "f_linear"
             rows_out.append(row)
     meta = {"threads": args.threads, "calls": args.calls, "repeats": args.repeats,
             "packed_min_rows": PACKED_MIN_ROWS, "auto_backend": auto,

@@ -410,11 +410,9 @@ def test_packed_linear_backend_choice(monkeypatch):
     with pytest.raises(ValueError, match="VTW_PACKED_LINEAR"):
         layers.packed_linear_backend("blas")
     # oneDNN also packs big layers below PACKED_MIN_ROWS; MKL never does
-    packed_linears = layers.packed_linears
-    big = torch.nn.Linear(1024, 1024, bias=False)
-    assert packed_linears(big, 1, backend="mkl")._packs(big, 1) is False
-    ops["onednn"] = True
-    assert packed_linears(big, 1, backend="onednn")._packs(big, 1) is True
+    assert not layers.packs_rows("mkl", 1024 * 1024, 1) and layers.packs_rows("onednn", 1024 * 1024, 1)
+    assert not layers.packs_rows("onednn", 192 * 576, 2) and layers.packs_rows("onednn", 192 * 576, 4)
+    assert not layers.packs_rows(None, 1024 * 1024, 16)
 
 
 def test_packed_linears_fall_back_when_packing_fails(monkeypatch):

@@ -48,6 +48,7 @@ there than SDPA's flash kernel.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import warnings
@@ -72,6 +73,7 @@ __all__ = [
     "find_multiple",
     "packed_linear_available",
     "packed_linear_backend",
+    "packs_rows",
     "packed_linears",
     "precompute_freqs_cis",
     "precompute_freqs_cis_2d",
@@ -316,6 +318,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
                                           scale=scale, enable_gqa=gqa)
 
 
+@functools.lru_cache(maxsize=1)
 def _cpu_vendor() -> str:
     try:
         with open("/proc/cpuinfo") as handle:
@@ -369,6 +372,13 @@ PACKED_MIN_ROWS = 4
 ONEDNN_SMALL_ROWS_MIN_WEIGHTS = 1 << 19
 
 
+def packs_rows(backend: str | None, num_weights: int, rows: int) -> bool:
+    """Whether :func:`packed_linears` packs a layer of ``num_weights`` weights for ``rows`` rows."""
+    if backend is None:
+        return False
+    return rows >= PACKED_MIN_ROWS or (backend == "onednn" and num_weights >= ONEDNN_SMALL_ROWS_MIN_WEIGHTS)
+
+
 def _row_counts(rows: int | Iterable[int]) -> tuple[int, ...]:
     counts = tuple(sorted({int(r) for r in ([rows] if isinstance(rows, int) else rows)}))
     if any(r < 1 for r in counts):
@@ -406,11 +416,6 @@ class packed_linears:  # noqa: N801  (used as a context manager, like torch.no_g
         out.specs = [(module, _row_counts(rows)) for module, rows in specs]
         return out
 
-    def _packs(self, lin: nn.Linear, rows: int) -> bool:
-        if rows >= PACKED_MIN_ROWS:
-            return True
-        return self.backend == "onednn" and lin.weight.numel() >= ONEDNN_SMALL_ROWS_MIN_WEIGHTS
-
     def __enter__(self) -> packed_linears:
         if not self.enabled:
             return self
@@ -420,7 +425,8 @@ class packed_linears:  # noqa: N801  (used as a context manager, like torch.no_g
                 w = lin.weight if isinstance(lin, nn.Linear) else None
                 if w is None or w.device.type != "cpu" or w.dtype != torch.float32 or "forward" in lin.__dict__:
                     continue
-                wanted.setdefault(id(lin), (lin, set()))[1].update(r for r in rows if self._packs(lin, r))
+                wanted.setdefault(id(lin), (lin, set()))[1].update(
+                    r for r in rows if packs_rows(self.backend, w.numel(), r))
         for lin, rows in wanted.values():
             if rows:
                 try:
