@@ -60,6 +60,7 @@ def main() -> int:
     from workbench.cli import main as vtw_main
     from workbench.commands.eval_gen import evaluate_images
     from workbench.demo_stages import gpt as gpt_stage
+    from workbench.demo_stages import vqgan as vq_stage
     from workbench.demo_stages.vqgan import train_tiny, val_images
 
     vq_steps, gpt_steps = (4, 3) if args.quick else (args.vq_steps, args.gpt_steps)
@@ -106,7 +107,7 @@ def main() -> int:
         rows.append(row)
         print(row, flush=True)
     save_table(args.name, rows, meta={
-        "vq_steps": vq_steps, "gpt_steps": None if args.no_gpt else gpt_steps, "seed": args.seed,
+        "vq_steps": vq_steps, "vq_batch_size": vq_stage.BATCH_SIZE, "gpt_steps": None if args.no_gpt else gpt_steps, "seed": args.seed,
         "gpt": f"demo GPT {gpt_stage.MODEL}, batch {gpt_stage.BATCH_SIZE}, lr {gpt_stage.LR}",
         "sampling": gpt_stage.SAMPLING, "images_per_class": per_class, "classifier": str(args.classifier),
         "quick": args.quick, "total_minutes": (time.monotonic() - t_all) / 60})
