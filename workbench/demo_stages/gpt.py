@@ -21,7 +21,7 @@ import torch
 
 from workbench.demo_stages import DemoContext, StageResult
 
-# Model / optimisation budget for ~5 minutes of 2 quiet CPU cores (bf16-mixed where the CPU has AMX).
+# Model / optimisation budget for ~5 minutes of 2 quiet CPU cores (bf16-mixed where the CPU has AMX or AVX512-BF16).
 PRESET = "GPT-tiny"
 # rope_prefix "identity": the class token's key is learnable (LlamaGen's zero rows make it unaddressable);
 # with it the label is learnt about twice as fast (class consistency 48% vs 21% after 1600 steps).
