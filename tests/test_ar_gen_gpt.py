@@ -416,10 +416,10 @@ def test_packed_linear_backend_choice(monkeypatch):
 
 
 def test_packed_linears_fall_back_when_packing_fails(monkeypatch):
-    from vision.layers import packed_linear_available, packed_linears
+    import vision.layers as layers
+    from vision.layers import packed_linears
 
-    if not packed_linear_available("onednn"):
-        pytest.skip("this torch build has no oneDNN packed linear ops (non-x86)")
+    monkeypatch.setattr(layers, "_backend_ops_present", lambda b: True)  # _pack is replaced: no real op runs
     model = tiny(vocab_size=64, block_size=16).eval()
     x = torch.randn(8, model.config.dim)
     with torch.no_grad():
