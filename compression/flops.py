@@ -8,7 +8,9 @@ sort / gather / scatter count 0. The similarity matmuls of ToMe / PiToMe / MustD
 Analytic (per pre-norm ViT block with N tokens entering attention, N' leaving the merge, width C,
 MLP width M): qkv 6NC^2 + scores and weighted sum 4N^2C + out-proj 2NC^2 + MLP 4N'CM; the
 patch-embed conv 2 * N_patch * (3 p^2) * C and the head 2 * C * classes. Used as the cross-check of
-the counter on the uncompressed model (they agree exactly there).
+the counter on the uncompressed model (they agree exactly there). For a Llama prefill (LLaVA's LM)
+with n_l tokens in layer l: :func:`llama_prefill_flops`, the cross-check of every LLaVA arm, drops
+included (the runner computes exactly these matmuls).
 """
 
 from __future__ import annotations
@@ -75,3 +77,16 @@ def llama_layer_flops(n_query: int, n_key: int, hidden: int, kv_hidden: int, mlp
     attn = 2 * 2 * n_query * n_key * hidden
     mlp = 2 * 3 * n_query * hidden * mlp_hidden
     return proj + attn + mlp
+
+
+def llama_prefill_flops(tokens_per_layer: list[int], hidden: int, intermediate: int, heads: int, kv_heads: int,
+                        vocab: int) -> int:
+    """Analytic FLOPs of one sequence's Llama prefill where layer l sees ``tokens_per_layer[l]`` = n tokens
+    (d = hidden, m = intermediate, d_kv = d * kv_heads / heads): q and o projections 4nd^2, k and v
+    4nd d_kv, attention scores and weighted sum 4n^2 d, SwiGLU MLP 6ndm; plus the LM head at the last
+    position, 2dV (the prefill only needs the next token's logits)."""
+    d_kv = hidden * kv_heads // heads
+    total = 2 * hidden * vocab
+    for n in tokens_per_layer:
+        total += 4 * n * hidden * hidden + 4 * n * hidden * d_kv + 4 * n * n * hidden + 6 * n * hidden * intermediate
+    return total

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import tempfile
 import time
@@ -135,6 +136,11 @@ TINY_LLAVA_PRESETS: dict[str, dict[str, Any]] = {
     # sparse scenes on a 12x12 token grid (objects at 0.6x size on 48 px: ~10% of the patches touch an
     # object, vs ~23% for "tiny"), closer to the redundancy of LLaVA's 576 CLIP tokens
     "sparse": dict(image_size=48, object_scale=0.6),
+    # LLaVA-1.5-7B's LM depth (32 layers), so that MustDrop's stage-2 layers (2, 6, 10, 14) and FastV's K = 2
+    # sit where they sit in Vicuna-7B: the layers before the first drop are 3/32 of the LM, not 3/16 (with
+    # 16 layers no drop after layer 2 can cut 85% of the vision tokens' LM FLOPs). The lighter conv stem
+    # (64 channels) keeps the tower a small share of the prefill, as CLIP-L is of LLaVA-1.5-7B's (~4%).
+    "deep": dict(text_layers=32, stem_width=64),
 }
 
 
@@ -320,6 +326,56 @@ def keys_dropped(model: nn.Module, drop: Tensor | None, first: int):
             h.remove()
 
 
+def stage1_merged_inputs(model: nn.Module, input_ids: Tensor, pixel_values: Tensor, rows: Tensor,
+                         threshold: float = 0.8, window: int = 3) -> tuple[Tensor, Tensor, Tensor]:
+    """The LM input of an HF LLaVA whose vision tokens went through MustDrop's stage-1 window merge
+    (``compression.mustdrop.window_merge`` after vision layer 0) in the rows marked by ``rows`` (B,) bool.
+
+    Returns (inputs_embeds (B, L, C), members (B, L) bool, position_ids (B, L)): the prompt embeddings
+    with the projected vision features spliced in at the ``<image>`` positions, merged windows holding
+    their mean at the bottom-right token, the other members of merged windows marked, and positions that
+    skip the members (stage 1 shortens the LM's input sequence). Run the LM with these positions and
+    ``keys_dropped(model, members, 0)`` and the result is what ``compression.llava_runner`` computes for
+    the same images with stage 1 on: the training-time twin of the evaluation path. The tower runs without gradients (it is frozen in phase 2); the projector gets them."""
+    from compression.llava_runner import _layer_out, clip_layer_masked, parts
+    from compression.mustdrop import window_merge
+
+    p = parts(model)
+    vis = p["vision"]
+    layers = list(vis.encoder.layers)
+    fl = p["feature_layer"]
+    if not isinstance(fl, int) or p["strategy"] != "default":
+        raise ValueError("stage1_merged_inputs needs one vision_feature_layer and the 'default' strategy (no CLS)")
+    n_run = len(layers) + fl + 1 if fl < 0 else fl  # hidden_states[i] is the output of layer i - 1
+    with torch.no_grad():
+        h = vis.pre_layrnorm(vis.embeddings(pixel_values.to(vis.embeddings.patch_embedding.weight.dtype)))
+        B, N, _ = h.shape
+        grid = math.isqrt(N - 1)
+        if grid * grid != N - 1:
+            raise ValueError(f"{N - 1} patches do not form a square grid")
+        valid = torch.ones(B, N, dtype=torch.bool, device=h.device)
+        bias = None
+        for i in range(n_run):
+            h = _layer_out(layers[i](h, None)) if bias is None else clip_layer_masked(layers[i], h, bias)
+            if i == 0:
+                merged, merged_valid, _ = window_merge(h, grid, window, threshold)
+                h = torch.where(rows[:, None, None], merged, h)
+                valid = merged_valid | ~rows[:, None]
+                bias = torch.zeros(valid.shape, dtype=h.dtype, device=h.device).masked_fill(~valid, float("-inf"))
+                bias = bias[:, None, None]  # (B, 1, 1, N) additive key bias
+    feats = p["projector"](h[:, 1:])  # (B, N - 1, C_text), CLS dropped ("default" strategy)
+    is_image = input_ids == p["image_token_id"]
+    if int(is_image.sum()) != feats.shape[0] * feats.shape[1]:
+        raise ValueError(f"the prompts hold {int(is_image.sum())} <image> tokens, the images give "
+                         f"{feats.shape[0]} x {feats.shape[1]} features")
+    embeds = p["lm"].embed_tokens(input_ids)
+    embeds = embeds.masked_scatter(is_image[..., None], feats.to(embeds.dtype))  # row-major: row b's features in order
+    members = torch.zeros_like(is_image)
+    members[is_image] = ~valid[:, 1:].reshape(-1)
+    position_ids = ((~members).long().cumsum(1) - 1).clamp(min=0)  # (B, L): the members take no position
+    return embeds, members, position_ids
+
+
 class TinyLlavaModule(pl.LightningModule):
     """Thin Lightning wrapper, two phases in one run (LLaVA trains on a *pretrained, frozen* CLIP):
 
@@ -329,6 +385,12 @@ class TinyLlavaModule(pl.LightningModule):
     2. the tower is frozen (``requires_grad`` off, eval mode so the stem's BatchNorm statistics
        stay put) and projector + LM learn next-token cross-entropy on the answer (+ <eos>).
 
+    ``tower_pooled_loss`` adds a second attribute head on the last layer's CLS token (CLIP's image
+    embedding), so that layer's CLS attention, which picks MustDrop's key set, is trained too.
+    Phase 2 can be made drop-aware: ``token_dropout`` (a random share of the vision tokens hidden as
+    keys from an LM layer in ``token_dropout_layers`` on) and ``merge_aware`` (that share of the rows
+    goes through MustDrop's stage-1 window merge at ``merge_aware_tau``, :func:`stage1_merged_inputs`).
+
     The learning rate warms up and decays (cosine) within each phase. Logs ``train/tower_loss``,
     ``train/tower_acc_<attribute>`` in phase 1, ``{stage}/loss`` and ``{stage}/acc`` (greedy
     answer-token accuracy) in phase 2. ``tower_steps=0`` trains everything jointly from the start."""
@@ -337,7 +399,8 @@ class TinyLlavaModule(pl.LightningModule):
                  lr: float = 3e-3, weight_decay: float = 0.05, warmup_steps: int = 100, save_dir: str | None = None,
                  tower_steps: int = 600, stem: str | None = None, object_scale: float | None = None,
                  train_attention: str = "eager", token_dropout: float = 0.0, token_dropout_max: float = 0.95,
-                 token_dropout_layers: list[int] | None = None) -> None:
+                 token_dropout_layers: list[int] | None = None, tower_pooled_loss: bool = False,
+                 merge_aware: float = 0.0, merge_aware_tau: float = 0.8) -> None:
         super().__init__()
         if tower_steps < 0:
             raise ValueError(f"tower_steps must be >= 0, got {tower_steps}")
@@ -346,8 +409,11 @@ class TinyLlavaModule(pl.LightningModule):
         if not 0 <= token_dropout <= 1 or not 0 < token_dropout_max <= 1:
             raise ValueError(f"token_dropout must be in [0, 1] and token_dropout_max in (0, 1], got "
                              f"{token_dropout} and {token_dropout_max}")
-        if token_dropout and train_attention != "eager":
-            raise ValueError("token_dropout edits the additive attention mask of the eager path: use train_attention='eager'")
+        if not 0 <= merge_aware <= 1:
+            raise ValueError(f"merge_aware must be in [0, 1], got {merge_aware}")
+        if (token_dropout or merge_aware) and train_attention != "eager":
+            raise ValueError("token_dropout / merge_aware edit the additive attention mask of the eager path: "
+                             "use train_attention='eager'")
         self.config = tiny_llava_config(preset, image_size=image_size, patch_size=patch_size, stem=stem,
                                         object_scale=object_scale)
         if token_dropout_layers is not None and (
@@ -365,7 +431,11 @@ class TinyLlavaModule(pl.LightningModule):
         # Training attention: HF's eager path (bf16 matmuls, fp32 softmax) is ~2.3x faster per step on CPU
         # than SDPA, whose flash backward is slow there; the saved model loads with SDPA (load_llava).
         self.model.set_attn_implementation(train_attention)
-        self.tower_head = nn.Linear(self.config.vision_hidden, sum(ATTRIBUTE_GROUPS.values())) if tower_steps else None
+        n_attr = sum(ATTRIBUTE_GROUPS.values())
+        self.tower_head = nn.Linear(self.config.vision_hidden, n_attr) if tower_steps else None
+        # CLIP's image embedding is the last layer's CLS token (post-LayerNorm): training it too gives the last
+        # layer's CLS attention, MustDrop's key-set signal, a meaning (without it that layer gets no gradient)
+        self.tower_pooled_head = nn.Linear(self.config.vision_hidden, n_attr) if tower_steps and tower_pooled_loss else None
         self.tower_frozen = False
         self._t0 = time.time()
 
@@ -387,11 +457,15 @@ class TinyLlavaModule(pl.LightningModule):
     def _tower_step(self, batch: dict[str, Tensor]) -> Tensor:
         out = self.tower(batch["pixel_values"], output_hidden_states=True)
         tokens = out.hidden_states[self.model.config.vision_feature_layer][:, 1:]  # (B, N, C) without CLS
-        logits = self.tower_head(tokens.mean(1)).float().split(list(ATTRIBUTE_GROUPS.values()), dim=-1)
+        heads = [("", self.tower_head, tokens.mean(1))]
+        if self.tower_pooled_head is not None:
+            heads.append(("pooled_", self.tower_pooled_head, out.pooler_output))  # (B, C) last layer's CLS
         losses = []
-        for i, (name, lg) in enumerate(zip(ATTRIBUTE_GROUPS, logits)):
-            losses.append(F.cross_entropy(lg, batch["attrs"][:, i]))
-            self.log(f"train/tower_acc_{name}", (lg.argmax(-1) == batch["attrs"][:, i]).float().mean())
+        for prefix, head, feature in heads:
+            logits = head(feature).float().split(list(ATTRIBUTE_GROUPS.values()), dim=-1)
+            for i, (name, lg) in enumerate(zip(ATTRIBUTE_GROUPS, logits)):
+                losses.append(F.cross_entropy(lg, batch["attrs"][:, i]))
+                self.log(f"train/tower_{prefix}acc_{name}", (lg.argmax(-1) == batch["attrs"][:, i]).float().mean())
         loss = sum(losses) / len(losses)
         self.log("train/tower_loss", loss, prog_bar=True)
         return loss
@@ -411,16 +485,24 @@ class TinyLlavaModule(pl.LightningModule):
         return drop.to(input_ids.device), first
 
     def _common_step(self, batch: dict[str, Tensor], stage: str) -> Tensor:
-        drop, first = None, 0
+        drop, first, members = None, 0, None
+        inputs = {"input_ids": batch["input_ids"], "pixel_values": batch["pixel_values"]}
+        if stage == "train" and self.hparams.get("merge_aware", 0.0) > 0:
+            # Merge-aware training: a share of the rows sees MustDrop's stage-1 window merge (tau as evaluated),
+            # so the LM meets merged windows (fewer background tokens, window means) before it is measured on them.
+            rows = torch.rand(batch["input_ids"].shape[0]) < self.hparams.merge_aware
+            embeds, members, positions = stage1_merged_inputs(self.model, batch["input_ids"], batch["pixel_values"],
+                                                              rows.to(batch["input_ids"].device),
+                                                              self.hparams.merge_aware_tau)
+            inputs = {"inputs_embeds": embeds, "position_ids": positions}
         if stage == "train" and self.hparams.token_dropout > 0:
             # Dropping tokens in the middle of the LM (FastV, MustDrop stage 2) removes keys that the later
             # layers never saw missing. Training with the same kind of removal, from a random layer on,
             # made the sparse-scene model usable under dropping (FastV keeping 8 of 144 tokens: -8.8 instead
             # of -25.6 points); on the dense 81-token task it was about neutral (README, "Token compression").
             drop, first = self.sample_token_drop(batch["input_ids"])
-        with keys_dropped(self.model, drop, first):
-            out = self.model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"],
-                             attention_mask=batch["attention_mask"])
+        with keys_dropped(self.model, members, 0), keys_dropped(self.model, drop, first):
+            out = self.model(**inputs, attention_mask=batch["attention_mask"])
         logits = out.logits[:, :-1].float()
         target = batch["labels"][:, 1:]
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100)

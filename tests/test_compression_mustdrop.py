@@ -125,6 +125,11 @@ def test_stage3_prunes_cache_to_final_survivors(setup):
     assert R.kv_bytes(out.cache) < R.kv_bytes(full.cache)
     assert final <= int(full.vision_in.max())
     assert torch.equal(out.logits, full.logits)  # stage 3 does not change prefill
+    first = min(_plan().drop_layers)
+    for li, c in enumerate(full.cache):  # the grouped fast path == the per-layer reference
+        ref = R._prune_cache(c, full.cache[-1].tid, full.cache[-1].valid) if li >= first else c
+        for name in ("k", "v", "valid", "tid"):
+            assert torch.equal(getattr(out.cache[li], name), getattr(ref, name)), (li, name)
 
 
 def test_pitome_in_tower_and_save_load_roundtrip(setup, tmp_path):
@@ -210,3 +215,117 @@ def test_training_key_dropout_equals_runner_drop_after_a_layer(setup):
         model.set_attn_implementation("sdpa")
     assert torch.allclose(got, ref, atol=1e-4), (got - ref).abs().max()
     assert not torch.allclose(full, ref, atol=1e-3)  # the drop matters, and the hooks were removed
+
+
+def test_merge_aware_training_inputs_equal_runner_stage1(setup):
+    """stage1_merged_inputs + keys_dropped(members, 0) (merge-aware training) computes what the runner
+    computes with MustDrop's stage 1 on, row by row: merged rows as stage 1, the other rows undropped."""
+    from compression.tiny_llava import keys_dropped, stage1_merged_inputs
+
+    model, tok, cfg, px, prompts = setup
+    prompts = [prompts[0]] * len(px)
+    ids = torch.stack(prompts)
+    L = ids.shape[1]
+    tau = 0.02  # the random nano tower's window scores are ~0-0.04: merges one of the four windows per row
+    stage1 = R.DropPlan(stage1=lambda h, grid: mustdrop.window_merge(h, grid, 3, tau))
+    merged_ref = R.prefill(model, px, prompts, stage1)
+    plain_ref = R.prefill(model, px, prompts).logits
+    rows = torch.tensor([True, False, True])
+    model.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            embeds, members, positions = stage1_merged_inputs(model, ids, px, rows, tau)
+            with keys_dropped(model, members, 0):
+                got = model(inputs_embeds=embeds, position_ids=positions,
+                            attention_mask=torch.ones_like(ids)).logits[:, L - 1]
+            none, no_members, arange = stage1_merged_inputs(model, ids, px, torch.zeros(3, dtype=torch.bool), tau)
+            plain = model(inputs_embeds=none, attention_mask=torch.ones_like(ids)).logits[:, L - 1]
+    finally:
+        model.set_attn_implementation("sdpa")
+    n_members = members.sum(1)
+    assert n_members[1] == 0 and not no_members.any() and torch.equal(arange, torch.arange(L).expand(3, -1))
+    assert torch.equal(positions[:, -1], L - 1 - n_members)  # the members take no RoPE position
+    assert (n_members[rows] % 8 == 0).all() and int(n_members[rows].sum()) > 0  # whole windows: 8 members each
+    assert torch.equal(36 - n_members[rows], merged_ref.vision_in[rows])
+    assert torch.allclose(got[rows], merged_ref.logits[rows], atol=1e-5), (got[rows] - merged_ref.logits[rows]).abs().max()
+    assert torch.allclose(got[1], plain_ref[1], atol=1e-5)
+    assert torch.allclose(plain, plain_ref, atol=1e-5)  # no merged row: the HF forward with pixel_values
+
+
+
+def test_interleaved_prefill_timing_covers_every_arm_and_unpatches(setup):
+    from compression.llava_eval import LlavaArm, VQAData, time_prefill_interleaved
+
+    model, _, _, px, prompts = setup
+    ref = R.prefill(model, px, prompts).logits
+    data = VQAData(px, prompts, torch.zeros(len(px), dtype=torch.long), torch.zeros(len(px), dtype=torch.long))
+    arms = [LlavaArm("none", "none"), LlavaArm("pitome", "pitome", pitome_ratio=0.75),
+            LlavaArm("mustdrop", "mustdrop", mustdrop.MustDropConfig(merge_threshold=0.3, prune_layers=(1, 2)))]
+    rates = time_prefill_interleaved(model, arms, data, batch_size=2, rounds=2)
+    assert len(rates) == 3 and all(r > 0 and r == r and r != float("inf") for r in rates)
+    assert torch.equal(R.prefill(model, px, prompts).logits, ref)  # PiToMe's patch was removed
+
+
+def test_small_attention_path_equals_sdpa(setup, monkeypatch):
+    """The two-matmul attention used for few keys gives SDPA's result (prefill with drops, both paths)."""
+    model, _, _, px, prompts = setup
+    plan = _plan()
+    monkeypatch.setattr(R, "SMALL_ATTENTION_KEYS", 0)  # SDPA everywhere
+    ref = R.generate(model, px, prompts, plan, max_new_tokens=3)
+    monkeypatch.setattr(R, "SMALL_ATTENTION_KEYS", 10**6)  # two matmuls everywhere
+    got = R.generate(model, px, prompts, plan, max_new_tokens=3)
+    assert torch.equal(got[0], ref[0]) and torch.allclose(got[1].logits, ref[1].logits, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["none", "mustdrop", "fastv"])
+def test_llava_lm_flops_counter_equals_analytic(setup, method):
+    """The LM's measured prefill FLOPs (FlopCounterMode, batch 1) equal the analytic Llama count from the
+    per-layer token counts, with and without drops."""
+    from compression.llava_eval import LlavaArm, VQAData, evaluate_llava_arm
+
+    model, _, _, px, prompts = setup
+    data = VQAData(px, prompts, torch.zeros(len(px), dtype=torch.long), torch.zeros(len(px), dtype=torch.long))
+    arm = {"none": LlavaArm("none", "none"),
+           "mustdrop": LlavaArm("md", "mustdrop", mustdrop.MustDropConfig(merge_threshold=0.02, global_thr=0.5,
+                                                                          individual_thr=0.5, prune_layers=(1, 2))),
+           "fastv": LlavaArm("fastv", "fastv", fastv=fastv.FastVConfig(1, 5))}[method]
+    row = evaluate_llava_arm(model, arm, data, batch_size=3, repeats=0, flops_batch=3)
+    assert row["gflops_lm"] == pytest.approx(row["gflops_lm_analytic"], rel=1e-12)
+    if method != "none":
+        assert row["vis_tokens_final"] < 36
+
+
+def test_packed_layers_equal_padded_layers(setup, monkeypatch):
+    """Position-wise parts on the packed valid tokens (rows of different lengths) == the padded layout."""
+    model, _, _, px, prompts = setup
+    plan = _plan(stage3=True)
+    monkeypatch.setattr(R, "PACK_BELOW", 0.0)  # never pack
+    ref_tokens, ref = R.generate(model, px, prompts, plan, max_new_tokens=3)
+    monkeypatch.setattr(R, "PACK_BELOW", 2.0)  # pack every prefill layer
+    tokens, out = R.generate(model, px, prompts, plan, max_new_tokens=3)
+    assert torch.equal(tokens, ref_tokens) and torch.allclose(out.logits, ref.logits, atol=1e-5)
+    assert out.vision_tokens == ref.vision_tokens
+    for c, r in zip(out.cache, ref.cache):
+        assert torch.equal(c.valid, r.valid) and torch.equal(c.tid, r.tid)
+        m = c.valid[:, None, :, None]
+        assert torch.allclose(c.k * m, r.k * m, atol=1e-5) and torch.allclose(c.v * m, r.v * m, atol=1e-5)
+
+
+def test_compress_llava_cli_on_the_tiny_model(setup, tmp_path):
+    import json
+
+    from workbench.cli import main
+
+    model, tok, cfg, _, _ = setup
+    save_tiny_llava(model, tok, cfg, tmp_path / "m")
+    out = tmp_path / "out"
+    assert main(["compress", "llava", "--ckpt", str(tmp_path / "m"), "--method", "mustdrop", "fastv", "--num-samples", "4",
+                 "--batch-size", "2", "--repeats", "1", "--merge-threshold", "0.02", "--out", str(out)]) == 0
+    rows = {r["arm"]: r for r in json.loads((out / "results.json").read_text())["rows"]}
+    assert set(rows) >= {"none", "mustdrop s1", "mustdrop s1+s2", "mustdrop s1+s2+s3"}
+    assert all(r["answers_per_s"] > 0 and r["answers_per_s_alone"] > 0 for r in rows.values())
+    assert rows["mustdrop s1"]["vis_tokens_in"] < 36 <= rows["none"]["vis_tokens_in"]  # tau 0.02 merges windows
+    assert rows["none"]["gflops_lm"] == pytest.approx(rows["none"]["gflops_lm_analytic"], rel=1e-12)
+    assert (out / "acc_vs_flops.png").is_file()
+    with pytest.raises(SystemExit, match="for a LLaVA-1.5 directory"):
+        main(["compress", "llava", "--ckpt", str(tmp_path / "m"), "--image", "x.png", "--question", "what ?"])

@@ -8,11 +8,13 @@ import pytest
 import torch
 
 from compression.tiny_llava import (
+    ShapesVQA,
     ShapesVQADataModule,
     TinyLlavaModule,
     WordTokenizer,
     build_tiny_llava,
     build_vocab,
+    collate,
     load_llava,
     save_tiny_llava,
     tiny_llava_config,
@@ -114,3 +116,27 @@ def test_token_dropout_layers_restrict_the_first_dropped_layer():
     assert len({everywhere.sample_token_drop(ids, g)[1] for _ in range(200)}) == everywhere.config.text_layers
     with pytest.raises(ValueError, match="token_dropout_layers"):
         TinyLlavaModule(preset="nano", token_dropout=0.5, token_dropout_layers=[99])
+
+
+def test_tower_pooled_loss_and_merge_aware_training_step():
+    torch.manual_seed(0)
+    module = TinyLlavaModule(preset="nano", tower_steps=2, tower_pooled_loss=True, merge_aware=1.0,
+                             merge_aware_tau=-1.0, token_dropout=1.0, token_dropout_layers=[1])
+    ds = ShapesVQA("train", 4, 24, 36, max_count=3)
+    batch = collate([ds[i] for i in range(4)])
+    loss = module._tower_step(batch)
+    loss.backward()
+    assert module.tower_pooled_head.weight.grad is not None
+    from compression.llava_runner import parts
+
+    last = parts(module.model)["vision"].encoder.layers[-1]  # feeds only the pooled CLS output
+    assert last.self_attn.q_proj.weight.grad is not None and last.self_attn.q_proj.weight.grad.abs().sum() > 0
+    module.zero_grad()
+    module.freeze_tower()
+    loss = module._common_step(batch, "train")  # tau -1: every window merged in every row
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert module.model.model.multi_modal_projector.linear_1.weight.grad is not None
+    assert all(p.grad is None for p in module.tower.parameters())
+    with pytest.raises(ValueError, match="merge_aware"):
+        TinyLlavaModule(preset="nano", merge_aware=2.0)

@@ -2,7 +2,9 @@
 
     vtw compress vit --ckpt runs/demo/classifier --method pitome --ratio 0.9
     vtw compress vit --ckpt runs/demo/classifier --method tome --r 4 8 12 --method pitome --ratio 0.9 0.8
-    vtw compress llava --ckpt runs/llava_tiny --method mustdrop fastv pitome
+    vtw compress llava --ckpt runs/llava_deep/model --method mustdrop fastv pitome
+    vtw compress llava --ckpt llava-1.5-7b-hf --image cat.jpg --question "What is in the picture?" \
+        --method mustdrop fastv --device cuda --dtype float16
 
 Prints and saves (``--out``, default ``runs/compress/<target>/``) a table with FLOPs (FlopCounterMode
 under the math SDPA kernel, with an analytic cross-check), tokens kept per layer, throughput and
@@ -37,6 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     llava.add_argument("--ckpt", required=True, help="directory written by save_pretrained (tiny LLaVA or LLaVA-1.5)")
     llava.add_argument("--method", nargs="+", default=["mustdrop"], choices=["none", "mustdrop", "fastv", "pitome"])
     llava.add_argument("--stages", default="123", help="MustDrop stages to enable, e.g. 1, 12, 123")
+    llava.add_argument("--merge-threshold", type=float, default=None,
+                       help="MustDrop stage-1 window threshold tau (default: the recipe's)")
     llava.add_argument("--global-thr", type=float, default=None, help="MustDrop gamma (default: the recipe's)")
     llava.add_argument("--individual-thr", type=float, default=None, help="MustDrop alpha (default: the recipe's)")
     llava.add_argument("--fastv-keep", type=int, default=None,
@@ -48,6 +52,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     llava.add_argument("--repeats", type=int, default=5, help="timed prefills (median); 0 skips timing")
     llava.add_argument("--threads", type=int, default=None)
     llava.add_argument("--out", default="runs/compress/llava")
+    real = llava.add_argument_group("a LLaVA-1.5 directory (save_pretrained, e.g. llava-hf/llava-1.5-7b-hf downloaded)")
+    real.add_argument("--image", nargs="+", default=None, help="image files to ask about")
+    real.add_argument("--question", nargs="+", default=None, help="one question for all images, or one per image")
+    real.add_argument("--max-new-tokens", type=int, default=32)
+    real.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    real.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
 
 
 def _run_vit(args: argparse.Namespace) -> int:
