@@ -336,7 +336,8 @@ def stage1_merged_inputs(model: nn.Module, input_ids: Tensor, pixel_values: Tens
     their mean at the bottom-right token, the other members of merged windows marked, and positions that
     skip the members (stage 1 shortens the LM's input sequence). Run the LM with these positions and
     ``keys_dropped(model, members, 0)`` and the result is what ``compression.llava_runner`` computes for
-    the same images with stage 1 on: the training-time twin of the evaluation path. The tower runs without gradients (it is frozen in phase 2); the projector gets them."""
+    the same images with stage 1 on: the training-time twin of the evaluation path. The tower runs
+    without gradients (it is frozen in phase 2); the projector gets them."""
     from compression.llava_runner import _layer_out, clip_layer_masked, parts
     from compression.mustdrop import window_merge
 
