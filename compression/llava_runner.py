@@ -190,7 +190,7 @@ def _rotate(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Ten
     return apply_rotary_pos_emb(q, k, cos, sin)
 
 
-# Up to this many keys the attention runs as two matmuls + softmax: on 2 CPU cores at batch 50, 4 heads of
+# Up to this many keys the attention runs on CPU as two matmuls + softmax: on 2 CPU cores at batch 50, 4 heads of
 # 24 dims, 17 keys take 0.24 ms that way vs 0.67 ms in SDPA's kernel; at 30 keys they are even (1.0 / 0.9 ms).
 SMALL_ATTENTION_KEYS = 24
 
@@ -244,7 +244,7 @@ def _attention(at: nn.Module, q: Tensor, kk: Tensor, vv: Tensor, bias: Tensor, w
         scores = (q @ kk.transpose(-1, -2)).float() * at.scaling + bias.float()
         probs = scores.softmax(-1)
         o = probs.to(vv.dtype) @ vv
-    elif kk.shape[2] <= SMALL_ATTENTION_KEYS:  # few keys (after a drop): two matmuls beat SDPA's CPU kernel
+    elif kk.shape[2] <= SMALL_ATTENTION_KEYS and q.device.type == "cpu":  # few keys: two matmuls beat SDPA's CPU kernel
         o = ((q @ kk.transpose(-1, -2)) * at.scaling + bias.to(q.dtype)).softmax(-1) @ vv
     else:
         o = F.scaled_dot_product_attention(q, kk, vv, attn_mask=bias.to(q.dtype), scale=at.scaling)
