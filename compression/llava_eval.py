@@ -59,6 +59,13 @@ class LlavaArm:
         return None
 
 
+def patch_for(model: nn.Module, arm: LlavaArm) -> None:
+    """Leave ``model`` as ``arm`` needs it: PiToMe patched into the vision tower, or no patch."""
+    remove_patch(model)
+    if arm.method == "pitome":
+        pitome.patch(model, ratio=arm.pitome_ratio, prop_attn=True)
+
+
 def oracle_plan(layer: int, objects: Tensor) -> R.DropPlan:
     """Reference arm (not a method): after LM layer ``layer`` keep exactly the vision tokens whose patch
     shows an object (from the scene's coverage), drop every background token. Tells whether the model
@@ -132,9 +139,7 @@ def _text_only_flops(model: nn.Module, prompt: Tensor) -> float:
 def evaluate_llava_arm(model: nn.Module, arm: LlavaArm, data: VQAData, batch_size: int = 50, repeats: int = 5,
                        flops_batch: int = 64, decode_tokens: int = 2) -> dict[str, Any]:
     num_layers = len(R.parts(model)["lm"].layers)
-    remove_patch(model)
-    if arm.method == "pitome":
-        pitome.patch(model, ratio=arm.pitome_ratio, prop_attn=True)
+    patch_for(model, arm)
     objects = data.objects
 
     def plan_for(lo: int, hi: int) -> R.DropPlan | None:
@@ -219,9 +224,7 @@ def time_prefill_interleaved(model: nn.Module, arms: list[LlavaArm], data: VQADa
     try:
         for r in range(rounds + 1):
             for i, arm in enumerate(arms):
-                remove_patch(model)
-                if arm.method == "pitome":
-                    pitome.patch(model, ratio=arm.pitome_ratio, prop_attn=True)
+                patch_for(model, arm)
                 plan = arm.plan(num_layers, objects)
                 with torch.inference_mode():
                     t0 = time.perf_counter()
@@ -290,9 +293,7 @@ def ask_llava(model: nn.Module, processor: Any, images: list[Any], questions: li
     rows = []
     try:
         for arm in arms:
-            remove_patch(model)
-            if arm.method == "pitome":
-                pitome.patch(model, ratio=arm.pitome_ratio, prop_attn=True)
+            patch_for(model, arm)
             t0 = time.perf_counter()
             with torch.inference_mode():
                 tokens, out = R.generate(model, px, prompts, arm.plan(num_layers), max_new_tokens=max_new_tokens)
@@ -312,11 +313,8 @@ def ask_llava(model: nn.Module, processor: Any, images: list[Any], questions: li
     return rows
 
 
-def _run_llava15(args: Any, loaded: Any) -> int:
-    """``vtw compress llava --ckpt <LLaVA-1.5 dir> --image ... --question ...``: answers per method."""
-    import json
-    from pathlib import Path
-
+def _llava15_request(args: Any) -> tuple[list[Any], list[str]]:
+    """The images and questions of ``--image`` / ``--question``, checked before any weight is loaded."""
     from PIL import Image
 
     if not args.image or not args.question:
@@ -331,6 +329,14 @@ def _run_llava15(args: Any, loaded: Any) -> int:
             images.append(Image.open(path).convert("RGB"))
         except (OSError, ValueError) as err:
             raise SystemExit(f"--image {path}: cannot read it as an image ({err})") from err
+    return images, questions
+
+
+def _run_llava15(args: Any, loaded: Any, images: list[Any], questions: list[str]) -> int:
+    """``vtw compress llava --ckpt <LLaVA-1.5 dir> --image ... --question ...``: answers per method."""
+    import json
+    from pathlib import Path
+
     model = loaded.model
     num_layers = len(R.parts(model)["lm"].layers)
     md = {**LLAVA15_MUSTDROP, **_mustdrop_overrides(args)}
@@ -366,23 +372,29 @@ def _mustdrop_overrides(args: Any) -> dict[str, float]:
 def run_llava_command(args: Any) -> int:
     from pathlib import Path
 
-    from compression.tiny_llava import load_llava
+    from compression.tiny_llava import check_llava_dir, load_llava
     from workbench.benchutil import save_table
 
     if not Path(args.ckpt).exists():
         raise SystemExit(f"--ckpt {args.ckpt} does not exist (train: vtw fit --config configs/llava_deep_shapes.yaml)")
     if args.threads:
         torch.set_num_threads(args.threads)
-    dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[getattr(args, "dtype", "float32")]
-    loaded = load_llava(args.ckpt, dtype=dtype)
     device = getattr(args, "device", "cpu")
-    if device != "cpu":
-        loaded.model.to(device)
+    dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[getattr(args, "dtype", "float32")]
+    if check_llava_dir(args.ckpt):  # the tiny shapes-VQA LLaVA
+        if getattr(args, "image", None):
+            raise SystemExit("--image / --question are for a LLaVA-1.5 directory; the tiny LLaVA is evaluated on its "
+                             "shapes-VQA test split")
+        if device != "cpu" or dtype != torch.float32:
+            raise SystemExit("--device / --dtype are for a LLaVA-1.5 directory; the tiny LLaVA is evaluated on CPU in fp32")
+        request = None
+    else:
+        request = _llava15_request(args)  # bad input fails here, before the weights load
+    loaded = load_llava(args.ckpt, dtype=dtype)
     if not loaded.tiny:
-        return _run_llava15(args, loaded)
-    if getattr(args, "image", None):
-        raise SystemExit("--image / --question are for a LLaVA-1.5 directory; the tiny LLaVA is evaluated on its "
-                         "shapes-VQA test split")
+        if device != "cpu":
+            loaded.model.to(device)
+        return _run_llava15(args, loaded, *request)
     model = loaded.model
     data = load_vqa(args.ckpt, "test", args.num_samples)
     num_layers = len(R.parts(model)["lm"].layers)

@@ -591,6 +591,18 @@ class LoadedLlava:
     info: dict[str, Any] = field(default_factory=dict)
 
 
+def check_llava_dir(path: str | os.PathLike) -> bool:
+    """Raise unless ``path`` is a LLaVA ``save_pretrained`` directory (reads only config.json); returns
+    whether it is a tiny shapes-VQA LLaVA (``vocab.json`` present) rather than a LLaVA-1.5 one."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} is not a save_pretrained directory (no config.json)")
+    model_type = json.loads((path / "config.json").read_text()).get("model_type")
+    if model_type != "llava":  # anything else would load as a default-size (7B) LLaVA with random weights
+        raise ValueError(f"{path / 'config.json'} is not a LLaVA config (model_type={model_type!r}, expected 'llava')")
+    return (path / "vocab.json").is_file()
+
+
 def load_llava(path: str | os.PathLike, attn_implementation: str = "sdpa", dtype: torch.dtype | None = None) -> LoadedLlava:
     """Load a tiny LLaVA (``vocab.json`` present) or a real LLaVA-1.5 HF directory by path (offline)."""
     from transformers import LlavaForConditionalGeneration
@@ -598,11 +610,7 @@ def load_llava(path: str | os.PathLike, attn_implementation: str = "sdpa", dtype
     import compression.conv_clip  # noqa: F401  (registers the conv-stem tower type with AutoConfig/AutoModel)
 
     path = Path(path)
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path} is not a save_pretrained directory (no config.json)")
-    model_type = json.loads((path / "config.json").read_text()).get("model_type")
-    if model_type != "llava":  # anything else would load as a default-size (7B) LLaVA with random weights
-        raise ValueError(f"{path / 'config.json'} is not a LLaVA config (model_type={model_type!r}, expected 'llava')")
+    check_llava_dir(path)
     model = LlavaForConditionalGeneration.from_pretrained(path, attn_implementation=attn_implementation,
                                                           dtype=dtype, local_files_only=True).eval()
     if (path / "vocab.json").is_file():

@@ -329,3 +329,5 @@ def test_compress_llava_cli_on_the_tiny_model(setup, tmp_path):
     assert (out / "acc_vs_flops.png").is_file()
     with pytest.raises(SystemExit, match="for a LLaVA-1.5 directory"):
         main(["compress", "llava", "--ckpt", str(tmp_path / "m"), "--image", "x.png", "--question", "what ?"])
+    with pytest.raises(SystemExit, match="--device / --dtype"):
+        main(["compress", "llava", "--ckpt", str(tmp_path / "m"), "--device", "cuda"])
