@@ -36,6 +36,7 @@ import math
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -326,6 +327,55 @@ def keys_dropped(model: nn.Module, drop: Tensor | None, first: int):
             h.remove()
 
 
+class _StopForward(Exception):
+    pass
+
+
+def text_attention_received(model: nn.Module, inputs: dict[str, Tensor], attention_mask: Tensor, text_rows: Tensor,
+                            layer: int, hidden: Tensor | None = None) -> Tensor:
+    """How much attention each token receives from the text rows at LM ``layer`` of an eager-attention HF
+    LLaVA: ``sum_t mean_h A[h, t, j]`` over the rows ``text_rows`` (B, L) bool, as a (B, L) float tensor.
+    This is the score FastV ranks vision tokens by and the sum MustDrop's stage-2 rule thresholds
+    (``compression.mustdrop.dual_attention_keep``). ``inputs`` are the model's keyword inputs
+    (``input_ids`` + ``pixel_values``, or ``inputs_embeds`` + ``position_ids``); ``hidden`` (B, L) bool marks
+    keys hidden from every layer (stage-1 merge members, :func:`keys_dropped`). Runs without gradients
+    and stops after ``layer``."""
+    from compression.llava_runner import parts
+
+    captured: dict[str, Tensor] = {}
+
+    def grab(module: nn.Module, args: tuple, output: Any) -> None:
+        weights = output[1] if isinstance(output, tuple) and len(output) > 1 else None
+        if not isinstance(weights, Tensor):
+            raise RuntimeError("text_attention_received needs attention probabilities from the LM's attention "
+                               "modules: call model.set_attn_implementation('eager')")
+        captured["probs"] = weights
+        raise _StopForward
+
+    attn = parts(model)["lm"].layers[layer].self_attn
+    handle = attn.register_forward_hook(grab)
+    try:
+        with torch.no_grad(), keys_dropped(model, hidden, 0):
+            model(**inputs, attention_mask=attention_mask)
+    except _StopForward:
+        pass
+    finally:
+        handle.remove()
+    if "probs" not in captured:
+        raise RuntimeError(f"LM layer {layer} did not run")
+    probs = captured["probs"].float().mean(1)  # (B, L, L) head-averaged, rows = queries
+    return (probs * text_rows[:, :, None]).sum(1)  # (B, L) attention received from the text rows
+
+
+def lowest_ranked(scores: Tensor, candidates: Tensor, frac: Tensor) -> Tensor:
+    """Per row, the ``round(frac * n)`` candidates with the lowest scores (ties: lower index first),
+    n = the row's number of candidates. scores (B, L), candidates (B, L) bool, frac (B,). Returns (B, L) bool."""
+    ranked = scores.float().masked_fill(~candidates, float("inf")).argsort(dim=1, stable=True)  # (B, L) lowest first
+    rank = torch.empty_like(ranked).scatter_(1, ranked, torch.arange(scores.shape[1]).expand_as(ranked).contiguous())
+    k = (frac * candidates.sum(1)).round().long()
+    return (rank < k[:, None]) & candidates
+
+
 def stage1_merged_inputs(model: nn.Module, input_ids: Tensor, pixel_values: Tensor, rows: Tensor,
                          threshold: float = 0.8, window: int = 3) -> tuple[Tensor, Tensor, Tensor]:
     """The LM input of an HF LLaVA whose vision tokens went through MustDrop's stage-1 window merge
@@ -391,6 +441,10 @@ class TinyLlavaModule(pl.LightningModule):
     Phase 2 can be made drop-aware: ``token_dropout`` (a random share of the vision tokens hidden as
     keys from an LM layer in ``token_dropout_layers`` on) and ``merge_aware`` (that share of the rows
     goes through MustDrop's stage-1 window merge at ``merge_aware_tau``, :func:`stage1_merged_inputs`).
+    ``token_dropout_guided`` is the share of the dropping rows that drop the vision tokens the text
+    attends to least at the layer before the drop (:func:`text_attention_received`, the ranking FastV and
+    MustDrop's stage 2 use at evaluation) instead of a random subset, so the later layers learn to answer
+    from the tokens the model's own attention would keep.
 
     The learning rate warms up and decays (cosine) within each phase. Logs ``train/tower_loss``,
     ``train/tower_acc_<attribute>`` in phase 1, ``{stage}/loss`` and ``{stage}/acc`` (greedy
@@ -401,7 +455,7 @@ class TinyLlavaModule(pl.LightningModule):
                  tower_steps: int = 600, stem: str | None = None, object_scale: float | None = None,
                  train_attention: str = "eager", token_dropout: float = 0.0, token_dropout_max: float = 0.95,
                  token_dropout_layers: list[int] | None = None, tower_pooled_loss: bool = False,
-                 merge_aware: float = 0.0, merge_aware_tau: float = 0.8) -> None:
+                 merge_aware: float = 0.0, merge_aware_tau: float = 0.8, token_dropout_guided: float = 0.0) -> None:
         super().__init__()
         if tower_steps < 0:
             raise ValueError(f"tower_steps must be >= 0, got {tower_steps}")
@@ -412,6 +466,8 @@ class TinyLlavaModule(pl.LightningModule):
                              f"{token_dropout} and {token_dropout_max}")
         if not 0 <= merge_aware <= 1:
             raise ValueError(f"merge_aware must be in [0, 1], got {merge_aware}")
+        if not 0 <= token_dropout_guided <= 1:
+            raise ValueError(f"token_dropout_guided must be in [0, 1], got {token_dropout_guided}")
         if (token_dropout or merge_aware) and train_attention != "eager":
             raise ValueError("token_dropout / merge_aware edit the additive attention mask of the eager path: "
                              "use train_attention='eager'")
@@ -471,18 +527,31 @@ class TinyLlavaModule(pl.LightningModule):
         self.log("train/tower_loss", loss, prog_bar=True)
         return loss
 
-    def sample_token_drop(self, input_ids: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, int]:
+    def sample_token_drop(self, input_ids: Tensor, generator: torch.Generator | None = None,
+                          text_attention: Callable[[int], Tensor] | None = None,
+                          hidden: Tensor | None = None) -> tuple[Tensor, int]:
         """Token dropout for phase 2: each row, with probability ``token_dropout``, loses a uniform random
         fraction (up to ``token_dropout_max``) of its vision tokens as attention keys from LM layer
         ``first`` on (``first`` uniform over ``token_dropout_layers``, default every layer; 0 = the whole LM).
-        Returns (drop (B, L) bool, first)."""
+        With ``token_dropout_guided`` > 0 and ``text_attention`` (layer -> (B, L) attention received from the
+        text, :func:`text_attention_received`), that share of the dropping rows drops its lowest-ranked
+        vision tokens at layer ``max(first - 1, 0)`` instead (``hidden`` (B, L): tokens already hidden, not
+        ranked). Returns (drop (B, L) bool, first)."""
         B, L = input_ids.shape
         u = torch.rand(B, generator=generator)
         frac = torch.rand(B, generator=generator) * self.hparams.token_dropout_max
         is_vis = input_ids == self.tok.image_id
-        drop = is_vis & (u < self.hparams.token_dropout)[:, None] & (torch.rand(B, L, generator=generator) < frac[:, None])
+        rows = u < self.hparams.token_dropout
+        drop = is_vis & rows[:, None] & (torch.rand(B, L, generator=generator) < frac[:, None])
         layers = self.hparams.get("token_dropout_layers") or list(range(self.config.text_layers))
         first = int(layers[int(torch.randint(0, len(layers), (), generator=generator))])
+        guided_share = self.hparams.get("token_dropout_guided", 0.0)
+        if guided_share > 0 and text_attention is not None:
+            guided = rows & (torch.rand(B, generator=generator) < guided_share)
+            if bool(guided.any()):
+                candidates = is_vis if hidden is None else is_vis & ~hidden.cpu()
+                ranked = lowest_ranked(text_attention(max(first - 1, 0)).cpu(), candidates, frac)
+                drop = torch.where(guided[:, None], ranked, drop)
         return drop.to(input_ids.device), first
 
     def _common_step(self, batch: dict[str, Tensor], stage: str) -> Tensor:
@@ -501,7 +570,12 @@ class TinyLlavaModule(pl.LightningModule):
             # layers never saw missing. Training with the same kind of removal, from a random layer on,
             # made the sparse-scene model usable under dropping (FastV keeping 8 of 144 tokens: -8.8 instead
             # of -25.6 points); on the dense 81-token task it was about neutral (README, "Token compression").
-            drop, first = self.sample_token_drop(batch["input_ids"])
+            text_rows = (batch["attention_mask"] > 0) & (batch["input_ids"] != self.tok.image_id) & (batch["labels"] == -100)
+
+            def text_attention(layer: int) -> Tensor:  # the prompt's text rows (not the answer) as at evaluation
+                return text_attention_received(self.model, inputs, batch["attention_mask"], text_rows, layer, members)
+
+            drop, first = self.sample_token_drop(batch["input_ids"], text_attention=text_attention, hidden=members)
         with keys_dropped(self.model, members, 0), keys_dropped(self.model, drop, first):
             out = self.model(**inputs, attention_mask=batch["attention_mask"])
         logits = out.logits[:, :-1].float()

@@ -140,3 +140,91 @@ def test_tower_pooled_loss_and_merge_aware_training_step():
     assert all(p.grad is None for p in module.tower.parameters())
     with pytest.raises(ValueError, match="merge_aware"):
         TinyLlavaModule(preset="nano", merge_aware=2.0)
+
+
+def test_lowest_ranked_hand_made():
+    from compression.tiny_llava import lowest_ranked
+
+    scores = torch.tensor([[0.5, 0.1, 0.9, 0.1, 0.3, 7.0],
+                           [0.0, 0.2, 0.2, 0.8, 0.4, 0.6]])
+    candidates = torch.tensor([[False, True, True, True, True, True],
+                               [True, True, True, True, True, False]])
+    frac = torch.tensor([0.6, 0.2])  # 5 candidates each: drop round(3.0) = 3 and round(1.0) = 1
+    drop = lowest_ranked(scores, candidates, frac)
+    # row 0: 0.1 (idx 1), 0.1 (idx 3, tie -> lower index first), 0.3 (idx 4); idx 0 is no candidate
+    assert drop.tolist() == [[False, True, False, True, True, False],
+                             [True, False, False, False, False, False]]
+    assert not lowest_ranked(scores, candidates, torch.zeros(2)).any()
+    assert lowest_ranked(scores, candidates, torch.ones(2)).equal(candidates)
+
+
+def test_text_attention_received_equals_the_attention_maps():
+    from compression.tiny_llava import keys_dropped, text_attention_received
+
+    torch.manual_seed(0)
+    module = TinyLlavaModule(preset="nano", tower_steps=0)
+    model = module.model.eval()
+    ds = ShapesVQA("train", 3, 24, 36, max_count=3)
+    batch = collate([ds[i] for i in range(3)])
+    inputs = {"input_ids": batch["input_ids"], "pixel_values": batch["pixel_values"]}
+    text_rows = (batch["input_ids"] != module.tok.image_id) & (batch["labels"] == -100)
+    hidden = torch.zeros_like(text_rows)
+    hidden[0, 5:9] = True  # keys hidden from every layer (as stage-1 merge members are)
+    for layer in (0, module.config.text_layers - 1):
+        for h in (None, hidden):
+            got = text_attention_received(model, inputs, batch["attention_mask"], text_rows, layer, h)
+            with torch.no_grad(), keys_dropped(model, h, 0):
+                out = model(**inputs, attention_mask=batch["attention_mask"], output_attentions=True)
+            probs = out.attentions[layer].float().mean(1)  # (B, L, L)
+            want = (probs * text_rows[:, :, None]).sum(1)
+            torch.testing.assert_close(got, want)
+            if h is not None:
+                assert float(got[0, 5:9].abs().max()) == 0.0  # hidden keys receive nothing
+    sdpa = TinyLlavaModule(preset="nano", tower_steps=0, train_attention="sdpa").model.eval()
+    with pytest.raises(RuntimeError, match="eager"):
+        text_attention_received(sdpa, inputs, batch["attention_mask"], text_rows, 0)
+
+
+def test_guided_token_dropout_drops_the_least_attended_vision_tokens():
+    module = TinyLlavaModule(preset="nano", tower_steps=0, token_dropout=1.0, token_dropout_max=1.0,
+                             token_dropout_layers=[2], token_dropout_guided=1.0)
+    n_vis = 36
+    ids = torch.tensor([[1, 4] + [module.tok.image_id] * n_vis + [7, 8, 5]] * 16)
+    scores = torch.rand(16, ids.shape[1])
+    hidden = torch.zeros_like(ids, dtype=torch.bool)
+    hidden[:, 2:6] = True  # already hidden: never ranked, never counted
+    asked = []
+
+    def text_attention(layer):
+        asked.append(layer)
+        return scores
+
+    drop, first = module.sample_token_drop(ids, torch.Generator().manual_seed(0), text_attention, hidden)
+    assert first == 2 and asked == [1]  # ranked by the attention of the layer before the first dropped one
+    assert not (drop & hidden).any() and not drop[:, :2].any() and not drop[:, -3:].any()
+    for row in range(16):
+        d = drop[row, 6:2 + n_vis]
+        if d.any() and not d.all():  # every dropped token is attended less than every kept one
+            kept = scores[row, 6:2 + n_vis][~d]
+            assert float(scores[row, 6:2 + n_vis][d].max()) < float(kept.min())
+    assert drop.sum(1).float().std() > 0  # the fraction still varies per row
+    # random dropout (share 0) ignores the callable and keeps its old draws
+    plain = TinyLlavaModule(preset="nano", tower_steps=0, token_dropout=1.0, token_dropout_max=1.0,
+                            token_dropout_layers=[2])
+    a = plain.sample_token_drop(ids, torch.Generator().manual_seed(0), text_attention, hidden)[0]
+    b = plain.sample_token_drop(ids, torch.Generator().manual_seed(0))[0]
+    assert a.equal(b) and asked == [1]
+    with pytest.raises(ValueError, match="token_dropout_guided"):
+        TinyLlavaModule(preset="nano", token_dropout_guided=1.5)
+
+
+def test_guided_token_dropout_training_step():
+    torch.manual_seed(0)
+    module = TinyLlavaModule(preset="nano", tower_steps=0, merge_aware=0.5, token_dropout=1.0,
+                             token_dropout_layers=[1], token_dropout_guided=1.0)
+    ds = ShapesVQA("train", 4, 24, 36, max_count=3)
+    batch = collate([ds[i] for i in range(4)])
+    loss = module._common_step(batch, "train")
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert module.model.model.multi_modal_projector.linear_1.weight.grad is not None
