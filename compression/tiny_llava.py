@@ -438,6 +438,9 @@ class TinyLlavaModule(pl.LightningModule):
 
     ``tower_pooled_loss`` adds a second attribute head on the last layer's CLS token (CLIP's image
     embedding), so that layer's CLS attention, which picks MustDrop's key set, is trained too.
+    ``tower_attributes`` limits phase 1 to some of the attributes (e.g. without ``position``: a tower
+    told to put the object's position into the mean of all its tokens may spread it over the background
+    tokens that token dropping removes; the LM then reads position from the kept tokens' own features).
     Phase 2 can be made drop-aware: ``token_dropout`` (a random share of the vision tokens hidden as
     keys from an LM layer in ``token_dropout_layers`` on) and ``merge_aware`` (that share of the rows
     goes through MustDrop's stage-1 window merge at ``merge_aware_tau``, :func:`stage1_merged_inputs`).
@@ -455,8 +458,12 @@ class TinyLlavaModule(pl.LightningModule):
                  tower_steps: int = 600, stem: str | None = None, object_scale: float | None = None,
                  train_attention: str = "eager", token_dropout: float = 0.0, token_dropout_max: float = 0.95,
                  token_dropout_layers: list[int] | None = None, tower_pooled_loss: bool = False,
-                 merge_aware: float = 0.0, merge_aware_tau: float = 0.8, token_dropout_guided: float = 0.0) -> None:
+                 merge_aware: float = 0.0, merge_aware_tau: float = 0.8, token_dropout_guided: float = 0.0,
+                 tower_attributes: list[str] | None = None) -> None:
         super().__init__()
+        if tower_attributes is not None and (not tower_attributes or set(tower_attributes) - set(ATTRIBUTE_GROUPS)):
+            raise ValueError(f"tower_attributes must be a non-empty subset of {list(ATTRIBUTE_GROUPS)}, "
+                             f"got {tower_attributes}")
         if tower_steps < 0:
             raise ValueError(f"tower_steps must be >= 0, got {tower_steps}")
         if train_attention not in ("eager", "sdpa"):
@@ -493,6 +500,7 @@ class TinyLlavaModule(pl.LightningModule):
         # CLIP's image embedding is the last layer's CLS token (post-LayerNorm): training it too gives the last
         # layer's CLS attention, MustDrop's key-set signal, a meaning (without it that layer gets no gradient)
         self.tower_pooled_head = nn.Linear(self.config.vision_hidden, n_attr) if tower_steps and tower_pooled_loss else None
+        self.tower_attributes = tuple(tower_attributes or ATTRIBUTE_GROUPS)  # the attributes phase 1 learns
         self.tower_frozen = False
         self._t0 = time.time()
 
@@ -521,6 +529,8 @@ class TinyLlavaModule(pl.LightningModule):
         for prefix, head, feature in heads:
             logits = head(feature).float().split(list(ATTRIBUTE_GROUPS.values()), dim=-1)
             for i, (name, lg) in enumerate(zip(ATTRIBUTE_GROUPS, logits)):
+                if name not in self.tower_attributes:
+                    continue
                 losses.append(F.cross_entropy(lg, batch["attrs"][:, i]))
                 self.log(f"train/tower_{prefix}acc_{name}", (lg.argmax(-1) == batch["attrs"][:, i]).float().mean())
         loss = sum(losses) / len(losses)

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from compression.tiny_llava import (
+    ATTRIBUTE_GROUPS,
     ShapesVQA,
     ShapesVQADataModule,
     TinyLlavaModule,
@@ -228,3 +229,18 @@ def test_guided_token_dropout_training_step():
     loss.backward()
     assert torch.isfinite(loss)
     assert module.model.model.multi_modal_projector.linear_1.weight.grad is not None
+
+
+def test_tower_attributes_limit_the_phase1_loss():
+    torch.manual_seed(0)
+    module = TinyLlavaModule(preset="nano", tower_steps=2, tower_attributes=["shape", "colour", "count"])
+    ds = ShapesVQA("train", 4, 24, 36, max_count=3)
+    batch = collate([ds[i] for i in range(4)])
+    module._tower_step(batch).backward()
+    sizes = list(ATTRIBUTE_GROUPS.values())
+    rows = module.tower_head.weight.grad.split(sizes, dim=0)  # one block of head rows per attribute
+    names = list(ATTRIBUTE_GROUPS)
+    assert rows[names.index("position")].abs().sum() == 0  # position is not learnt
+    assert all(rows[names.index(n)].abs().sum() > 0 for n in ("shape", "colour", "count"))
+    with pytest.raises(ValueError, match="tower_attributes"):
+        TinyLlavaModule(preset="nano", tower_attributes=["where"])
