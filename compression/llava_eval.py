@@ -96,20 +96,16 @@ def load_vqa(model_dir: str, split: str, num_samples: int, seed: int = 0) -> VQA
     from pathlib import Path
 
     from compression.tiny_llava import ShapesVQA
-    from datasets.shapes import object_coverage
 
     info = json.loads((Path(model_dir) / "tiny_llava.json").read_text())["config"]
     n_img = (info["image_size"] // info["patch_size"]) ** 2
-    size, patch = info["image_size"], info["patch_size"]
-    ds = ShapesVQA(split, num_samples, size, n_img, seed=seed, object_scale=info.get("object_scale", 1.0))
+    ds = ShapesVQA(split, num_samples, info["image_size"], n_img, seed=seed, object_scale=info.get("object_scale", 1.0))
     ds.shapes.build_cache()
     items = [ds[i] for i in range(len(ds))]
-    grid = size // patch
-    cover = torch.stack([torch.from_numpy(object_coverage(ds.shapes.scene(i), size)) for i in range(len(ds))])
-    objects = cover.view(-1, grid, patch, grid, patch).amax((2, 4)).flatten(1) >= 0.1  # (N, grid^2)
     return VQAData(torch.stack([it["pixel_values"] for it in items]),
                    [it["input_ids"][: it["prompt_len"]] for it in items],
-                   torch.tensor([it["answer"] for it in items]), torch.tensor([it["kind"] for it in items]), objects)
+                   torch.tensor([it["answer"] for it in items]), torch.tensor([it["kind"] for it in items]),
+                   torch.stack([it["object_patches"] for it in items]))  # (N, grid^2)
 
 
 def _batches(data: VQAData, batch_size: int):

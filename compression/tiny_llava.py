@@ -207,7 +207,8 @@ def prompt_ids(tok: WordTokenizer, question: str, num_image_tokens: int) -> tupl
 class ShapesVQA(Dataset):
     """Shapes images with one question each (kind cycles with the index). Items: ``pixel_values``
     (3, H, W) in [-1, 1], ``input_ids`` (L,), ``labels`` (L,) (-100 except answer and <eos>),
-    ``answer`` (answer token id), ``kind`` (int index into QUESTIONS)."""
+    ``answer`` (answer token id), ``kind`` (int index into QUESTIONS), ``attrs`` (4,) (shape, colour,
+    count - 1, position) and ``object_patches`` (N,) bool (:meth:`object_patches`)."""
 
     def __init__(self, split: str, num_samples: int, image_size: int, num_image_tokens: int, seed: int = 0,
                  max_count: int = 3, vocab: list[str] | None = None, object_scale: float = 1.0) -> None:
@@ -217,7 +218,20 @@ class ShapesVQA(Dataset):
                                     max_count=max_count, object_scale=object_scale)
         self.tok = WordTokenizer(vocab or build_vocab())
         self.num_image_tokens = num_image_tokens
+        self.grid = math.isqrt(num_image_tokens)
+        if self.grid ** 2 != num_image_tokens or image_size % self.grid:
+            raise ValueError(f"num_image_tokens={num_image_tokens} is not a square grid of patches that divides "
+                             f"image_size={image_size}")
+        self.image_size = image_size
         self.kinds = list(QUESTIONS)
+
+    def object_patches(self, index: int) -> Tensor:
+        """(grid^2,) bool: which patches show part of an object (coverage >= 0.1 anywhere in the patch)."""
+        from datasets.shapes import object_coverage
+
+        patch = self.image_size // self.grid
+        cover = torch.from_numpy(object_coverage(self.shapes.scene(index), self.image_size))  # (H, W)
+        return cover.view(self.grid, patch, self.grid, patch).amax((1, 3)).flatten() >= 0.1  # (grid^2,)
 
     def __len__(self) -> int:
         return len(self.shapes)
@@ -232,7 +246,8 @@ class ShapesVQA(Dataset):
         labels = [-100] * len(ids) + [answer_id, self.tok.eos_id]
         attrs = torch.tensor([item["shape"], item["colour"], item["count"] - 1, item["position"]])
         return {"pixel_values": item["image"], "input_ids": torch.tensor(input_ids), "labels": torch.tensor(labels),
-                "answer": answer_id, "kind": self.kinds.index(kind), "prompt_len": len(ids), "attrs": attrs}
+                "answer": answer_id, "kind": self.kinds.index(kind), "prompt_len": len(ids), "attrs": attrs,
+                "object_patches": self.object_patches(index)}
 
 
 def collate(items: list[dict[str, Any]], pad_id: int = 0) -> dict[str, Tensor]:
@@ -245,7 +260,8 @@ def collate(items: list[dict[str, Any]], pad_id: int = 0) -> dict[str, Tensor]:
         ids[i, :n], labels[i, :n], mask[i, :n] = it["input_ids"], it["labels"], 1
     return {"pixel_values": torch.stack([it["pixel_values"] for it in items]), "input_ids": ids, "labels": labels,
             "attention_mask": mask, "answer": torch.tensor([it["answer"] for it in items]),
-            "kind": torch.tensor([it["kind"] for it in items]), "attrs": torch.stack([it["attrs"] for it in items])}
+            "kind": torch.tensor([it["kind"] for it in items]), "attrs": torch.stack([it["attrs"] for it in items]),
+            "object_patches": torch.stack([it["object_patches"] for it in items])}
 
 
 class ShapesVQADataModule(pl.LightningDataModule):
@@ -442,6 +458,9 @@ class TinyLlavaModule(pl.LightningModule):
     put the object's position into the mean of all its tokens may spread it over the background tokens
     that token dropping removes) it stays in the object tokens (seed 1: keeping only them costs 0.6
     points instead of 11.4), but the LM then learns position worse (70% undropped; README).
+    ``tower_pool="object"`` pools only the patches that show the object (the batch's ``object_patches``)
+    for that head instead of all of them, so every attribute, position included, is learnt from the object
+    tokens and need not sit in the background tokens that token dropping removes.
     Phase 2 can be made drop-aware: ``token_dropout`` (a random share of the vision tokens hidden as
     keys from an LM layer in ``token_dropout_layers`` on) and ``merge_aware`` (that share of the rows
     goes through MustDrop's stage-1 window merge at ``merge_aware_tau``, :func:`stage1_merged_inputs`).
@@ -460,8 +479,10 @@ class TinyLlavaModule(pl.LightningModule):
                  train_attention: str = "eager", token_dropout: float = 0.0, token_dropout_max: float = 0.95,
                  token_dropout_layers: list[int] | None = None, tower_pooled_loss: bool = False,
                  merge_aware: float = 0.0, merge_aware_tau: float = 0.8, token_dropout_guided: float = 0.0,
-                 tower_attributes: list[str] | None = None) -> None:
+                 tower_attributes: list[str] | None = None, tower_pool: str = "mean") -> None:
         super().__init__()
+        if tower_pool not in ("mean", "object"):
+            raise ValueError(f"tower_pool must be 'mean' or 'object', got {tower_pool!r}")
         if tower_attributes is not None and (not tower_attributes or set(tower_attributes) - set(ATTRIBUTE_GROUPS)):
             raise ValueError(f"tower_attributes must be a non-empty subset of {list(ATTRIBUTE_GROUPS)}, "
                              f"got {tower_attributes}")
@@ -523,7 +544,14 @@ class TinyLlavaModule(pl.LightningModule):
     def _tower_step(self, batch: dict[str, Tensor]) -> Tensor:
         out = self.tower(batch["pixel_values"], output_hidden_states=True)
         tokens = out.hidden_states[self.model.config.vision_feature_layer][:, 1:]  # (B, N, C) without CLS
-        heads = [("", self.tower_head, tokens.mean(1))]
+        if self.hparams.get("tower_pool", "mean") == "object":
+            if "object_patches" not in batch:
+                raise ValueError("tower_pool='object' needs the batch's 'object_patches' (ShapesVQA items)")
+            weight = batch["object_patches"].to(tokens.dtype)[..., None]  # (B, N, 1)
+            pooled = (tokens * weight).sum(1) / weight.sum(1).clamp(min=1.0)  # (B, C) mean of the object patches
+        else:
+            pooled = tokens.mean(1)  # (B, C)
+        heads = [("", self.tower_head, pooled)]
         if self.tower_pooled_head is not None:
             heads.append(("pooled_", self.tower_pooled_head, out.pooler_output))  # (B, C) last layer's CLS
         losses = []

@@ -244,3 +244,28 @@ def test_tower_attributes_limit_the_phase1_loss():
     assert all(rows[names.index(n)].abs().sum() > 0 for n in ("shape", "colour", "count"))
     with pytest.raises(ValueError, match="tower_attributes"):
         TinyLlavaModule(preset="nano", tower_attributes=["where"])
+
+
+def test_object_patches_cover_the_object_and_object_pooling_reads_only_them():
+    ds = ShapesVQA("train", 6, 24, 36, max_count=3)
+    batch = collate([ds[i] for i in range(6)])
+    objects = batch["object_patches"]  # (6, 36) bool
+    assert objects.shape == (6, 36) and objects.any(1).all() and not objects.all(1).any()
+    # the most saturated patch (objects are saturated, backgrounds are not) is an object patch
+    rgb = (batch["pixel_values"] + 1) / 2  # (6, 3, 24, 24)
+    saturation = rgb.amax(1) - rgb.amin(1)  # (6, 24, 24)
+    per_patch = saturation.view(6, 6, 4, 6, 4).mean((2, 4)).flatten(1)  # (6, 36)
+    assert objects.gather(1, per_patch.argmax(1, keepdim=True)).all()
+
+    torch.manual_seed(0)
+    module = TinyLlavaModule(preset="nano", tower_steps=2, tower_pool="object")
+    seen = {}
+    module.tower_head.register_forward_hook(lambda mod, args, out: seen.update(pooled=args[0].detach()))
+    module._tower_step(batch)
+    with torch.no_grad():
+        out = module.tower(batch["pixel_values"], output_hidden_states=True)
+        tokens = out.hidden_states[module.model.config.vision_feature_layer][:, 1:]  # (6, 36, C)
+    expected = torch.stack([tokens[i, objects[i]].mean(0) for i in range(6)])
+    torch.testing.assert_close(seen["pooled"], expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="tower_pool"):
+        TinyLlavaModule(preset="nano", tower_pool="max")
