@@ -458,8 +458,8 @@ class TinyLlavaModule(pl.LightningModule):
     put the object's position into the mean of all its tokens may spread it over the background tokens
     that token dropping removes) it stays in the object tokens (seed 1: keeping only them costs 0.6
     points instead of 11.4), but the LM then learns position worse (70% undropped; README).
-    ``tower_pool="object"`` pools only the patches that show the object (the batch's ``object_patches``)
-    for that head instead of all of them, so every attribute, position included, is learnt from the object
+    ``tower_object_attributes`` (e.g. ``["position"]``) are learnt from the mean of the patches that show
+    the object (the batch's ``object_patches``) instead of all patches, so they are put into the object
     tokens and need not sit in the background tokens that token dropping removes.
     Phase 2 can be made drop-aware: ``token_dropout`` (a random share of the vision tokens hidden as
     keys from an LM layer in ``token_dropout_layers`` on) and ``merge_aware`` (that share of the rows
@@ -479,10 +479,12 @@ class TinyLlavaModule(pl.LightningModule):
                  train_attention: str = "eager", token_dropout: float = 0.0, token_dropout_max: float = 0.95,
                  token_dropout_layers: list[int] | None = None, tower_pooled_loss: bool = False,
                  merge_aware: float = 0.0, merge_aware_tau: float = 0.8, token_dropout_guided: float = 0.0,
-                 tower_attributes: list[str] | None = None, tower_pool: str = "mean") -> None:
+                 tower_attributes: list[str] | None = None,
+                 tower_object_attributes: list[str] | None = None) -> None:
         super().__init__()
-        if tower_pool not in ("mean", "object"):
-            raise ValueError(f"tower_pool must be 'mean' or 'object', got {tower_pool!r}")
+        if tower_object_attributes and set(tower_object_attributes) - set(ATTRIBUTE_GROUPS):
+            raise ValueError(f"tower_object_attributes must be a subset of {list(ATTRIBUTE_GROUPS)}, "
+                             f"got {tower_object_attributes}")
         if tower_attributes is not None and (not tower_attributes or set(tower_attributes) - set(ATTRIBUTE_GROUPS)):
             raise ValueError(f"tower_attributes must be a non-empty subset of {list(ATTRIBUTE_GROUPS)}, "
                              f"got {tower_attributes}")
@@ -544,19 +546,21 @@ class TinyLlavaModule(pl.LightningModule):
     def _tower_step(self, batch: dict[str, Tensor]) -> Tensor:
         out = self.tower(batch["pixel_values"], output_hidden_states=True)
         tokens = out.hidden_states[self.model.config.vision_feature_layer][:, 1:]  # (B, N, C) without CLS
-        if self.hparams.get("tower_pool", "mean") == "object":
+        on_object = tuple(self.hparams.get("tower_object_attributes") or ())
+        if on_object:
             if "object_patches" not in batch:
-                raise ValueError("tower_pool='object' needs the batch's 'object_patches' (ShapesVQA items)")
+                raise ValueError("tower_object_attributes needs the batch's 'object_patches' (ShapesVQA items)")
             weight = batch["object_patches"].to(tokens.dtype)[..., None]  # (B, N, 1)
-            pooled = (tokens * weight).sum(1) / weight.sum(1).clamp(min=1.0)  # (B, C) mean of the object patches
-        else:
-            pooled = tokens.mean(1)  # (B, C)
-        heads = [("", self.tower_head, pooled)]
+            object_mean = (tokens * weight).sum(1) / weight.sum(1).clamp(min=1.0)  # (B, C) mean of the object patches
+        heads = [("", self.tower_head, tokens.mean(1))]  # (B, C) mean of all patches
         if self.tower_pooled_head is not None:
             heads.append(("pooled_", self.tower_pooled_head, out.pooler_output))  # (B, C) last layer's CLS
         losses = []
         for prefix, head, feature in heads:
             logits = head(feature).float().split(list(ATTRIBUTE_GROUPS.values()), dim=-1)
+            if prefix == "" and on_object:
+                from_object = head(object_mean).float().split(list(ATTRIBUTE_GROUPS.values()), dim=-1)
+                logits = [o if name in on_object else m for name, m, o in zip(ATTRIBUTE_GROUPS, logits, from_object)]
             for i, (name, lg) in enumerate(zip(ATTRIBUTE_GROUPS, logits)):
                 if name not in self.tower_attributes:
                     continue

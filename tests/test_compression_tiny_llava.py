@@ -6,6 +6,7 @@ from __future__ import annotations
 import lightning.pytorch as pl
 import pytest
 import torch
+import torch.nn.functional as F
 
 from compression.tiny_llava import (
     ATTRIBUTE_GROUPS,
@@ -258,14 +259,24 @@ def test_object_patches_cover_the_object_and_object_pooling_reads_only_them():
     assert objects.gather(1, per_patch.argmax(1, keepdim=True)).all()
 
     torch.manual_seed(0)
-    module = TinyLlavaModule(preset="nano", tower_steps=2, tower_pool="object")
-    seen = {}
-    module.tower_head.register_forward_hook(lambda mod, args, out: seen.update(pooled=args[0].detach()))
-    module._tower_step(batch)
+    module = TinyLlavaModule(preset="nano", tower_steps=2, tower_object_attributes=["position"])
+    seen = []
+    module.tower_head.register_forward_hook(lambda mod, args, out: seen.append(args[0].detach()))
+    loss = module._tower_step(batch)
     with torch.no_grad():
         out = module.tower(batch["pixel_values"], output_hidden_states=True)
         tokens = out.hidden_states[module.model.config.vision_feature_layer][:, 1:]  # (6, 36, C)
-    expected = torch.stack([tokens[i, objects[i]].mean(0) for i in range(6)])
-    torch.testing.assert_close(seen["pooled"], expected, rtol=1e-5, atol=1e-5)
-    with pytest.raises(ValueError, match="tower_pool"):
-        TinyLlavaModule(preset="nano", tower_pool="max")
+    object_mean = torch.stack([tokens[i, objects[i]].mean(0) for i in range(6)])
+    assert len(seen) == 2  # the mean of all patches, then the mean of the object patches
+    torch.testing.assert_close(seen[0], tokens.mean(1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(seen[1], object_mean, rtol=1e-5, atol=1e-5)
+    # position is scored on the object mean, the other attributes on the mean of all patches
+    with torch.no_grad():
+        sizes = list(ATTRIBUTE_GROUPS.values())
+        by_all = module.tower_head(tokens.mean(1)).split(sizes, -1)
+        by_object = module.tower_head(object_mean).split(sizes, -1)
+        chosen = [by_object[i] if name == "position" else by_all[i] for i, name in enumerate(ATTRIBUTE_GROUPS)]
+        expected = sum(F.cross_entropy(lg, batch["attrs"][:, i]) for i, lg in enumerate(chosen)) / len(chosen)
+    torch.testing.assert_close(loss.detach(), expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="tower_object_attributes"):
+        TinyLlavaModule(preset="nano", tower_object_attributes=["where"])
