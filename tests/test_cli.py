@@ -102,7 +102,7 @@ def test_two_process_ddp_fit_on_cpu(tmp_path):
 
 # Recipes that need no file from an earlier run or a data root (gpt_tiny_shapes reads the demo's token
 # shards, the paper recipes read datasets and weights): each must build its model, data and trainer.
-SELF_CONTAINED_CONFIGS = ["bae_tiny_shapes", "classifier_shapes", "llava_sparse_shapes",
+SELF_CONTAINED_CONFIGS = ["bae_tiny_shapes", "classifier_shapes", "llava_deep_shapes", "llava_sparse_shapes",
                           "llava_tiny_shapes", "quickstart", "seed_stage1_shapes", "tokenflow_shapes",
                           "tokenunify_pretrain_tiny", "vit_deep_shapes", "vit_small_shapes", "vqgan_tiny_shapes"]
 
