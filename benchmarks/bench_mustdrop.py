@@ -63,8 +63,8 @@ def main() -> None:
     ap.add_argument("--target-cut", type=float, default=87.0, help="vision-FLOPs cut (%%) the calibration aims at")
     ap.add_argument("--cut-metric", choices=["lm", "all"], default="lm",
                     help="which vision-FLOPs cut --target-cut refers to: the LM's (default) or incl. the tower")
-    ap.add_argument("--taus", type=float, nargs="+", default=[0.8, 0.9, 0.95])
-    ap.add_argument("--thrs", type=float, nargs="+", default=[0.01, 0.03, 0.05, 0.1, 0.3, 1.0])
+    ap.add_argument("--taus", type=float, nargs="+", default=[0.7, 0.8, 0.9])
+    ap.add_argument("--thrs", type=float, nargs="+", default=[0.01, 0.03, 0.05, 0.06, 0.07, 0.08, 0.1, 0.3])
     ap.add_argument("--pitome-ratios", type=float, nargs="+", default=[0.5, 0.75])
     ap.add_argument("--fastv-keeps", type=int, nargs="*", default=[4, 8, 16], help="more FastV budgets (layer K) for the curve")
     ap.add_argument("--prune-layers", type=int, nargs="+", default=None,
