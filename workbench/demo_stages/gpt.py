@@ -36,7 +36,8 @@ STEPS = 3000
 # 400 s: on the AMD EPYC (2 vCPUs, no AMX) the same tokens (ceiling 92.0%) gave 52.1% class consistency after
 # 1181 steps in 280 s and 70.8% after 1941 steps in 400 s (/tmp arms, session 15; a rerun of the same arm in
 # session 16: 64.2% after 1918 steps). Fresh-clone demos there: 60.4% (1828 steps, ceiling 89.7%) and 62.1%
-# (1839 steps, ceiling 89.4%, demo 13.1 min), still short of the 70% goal on that machine.
+# (1839 steps, ceiling 89.4%, demo 13.1 min), 65.0% (session 18: 1886 steps, ceiling 89.2%, demo 13.0 min),
+# still short of the 70% goal on that machine.
 TIME_BUDGET_S = 400.0
 QUICK_STEPS = 3
 # torch.compile the training loss (GPTModule(compile=True); falls back to eager when compiling fails):
