@@ -8,6 +8,9 @@ preferred by :func:`ar_gen.gpt.load_gpt`), bf16 through ``trainer.precision``. `
 training loss through ``torch.compile`` (Inductor; on 2 CPU cores the demo GPT trains 1.5x faster per step
 after ~25 s of compiling, ``benchmarks/bench_gpt_compile.py``); validation stays eager, and if
 compiling fails (no C++ compiler, no Triton) training warns once and continues eagerly.
+``optimizer="muon"`` trains the blocks' weight matrices with Muon (:class:`vision.optim.MuonAdamW`,
+Moonlight's AdamW-matched update scale, ``muon_lr_scale`` times ``lr``) and keeps AdamW for embeddings,
+the output head and norms (:func:`optimizer_groups`); one optimizer, so the schedule and clipping are shared.
 
 Batches are dicts from ``tokenizers_img.shards.TokenShardDataModule``: ``tokens`` (B, N) or
 (B, N, token_each) long, ``label`` (B,) long, ``caption`` list[str]. A caption-conditioned model
@@ -29,6 +32,7 @@ import lightning.pytorch as pl
 import torch
 
 from ar_gen.gpt import GPT, GPTConfig, gpt_config
+from vision.optim import MuonAdamW
 
 
 class GPTModule(pl.LightningModule):
@@ -52,6 +56,8 @@ class GPTModule(pl.LightningModule):
         warmup_steps: int = 0,
         min_lr_ratio: float = 0.0,
         ema_decay: float | None = None,
+        optimizer: str = "adamw",
+        muon_lr_scale: float = 1.0,
         time_budget_s: float | None = None,
         tokenizer_dir: str | None = None,
         compile: bool = False,
@@ -78,6 +84,8 @@ class GPTModule(pl.LightningModule):
         self.ema_model: GPT | None = None
         self._compiled_loss = None  # torch.compile(self.model.training_loss), built on the first training step
         self._compile_failed = False
+        if optimizer not in ("adamw", "muon"):
+            raise ValueError(f"optimizer must be 'adamw' or 'muon', got {optimizer!r}")
         if ema_decay is not None:
             if not 0.0 < ema_decay < 1.0:
                 raise ValueError(f"ema_decay must be in (0, 1), got {ema_decay}")
@@ -168,13 +176,14 @@ class GPTModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self):
-        decay, no_decay = [], []
-        for _, p in self.model.named_parameters():
-            if p.requires_grad:
-                (decay if p.dim() >= 2 else no_decay).append(p)
         hp = self.hparams
-        opt = torch.optim.AdamW([{"params": decay, "weight_decay": hp.weight_decay},
-                                 {"params": no_decay, "weight_decay": 0.0}], lr=hp.lr, betas=tuple(hp.betas))
+        groups = optimizer_groups(self.model, hp.weight_decay, hp.optimizer == "muon", hp.lr * hp.muon_lr_scale)
+        if hp.optimizer == "muon":
+            bf16 = self._trainer is not None and "bf16" in str(self.trainer.precision)
+            opt: torch.optim.Optimizer = MuonAdamW(groups, lr=hp.lr, betas=tuple(hp.betas),
+                                                   ns_dtype=torch.bfloat16 if bf16 else torch.float32)
+        else:
+            opt = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas))
         total = self.trainer.estimated_stepping_batches if self._trainer is not None else 0
         total = int(total) if total and math.isfinite(total) else 0
         budget = hp.time_budget_s
@@ -192,6 +201,35 @@ class GPTModule(pl.LightningModule):
 
         sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def optimizer_groups(model: GPT, weight_decay: float, muon: bool = False,
+                     muon_lr: float | None = None) -> list[dict[str, Any]]:
+    """Parameter groups: weight decay on >= 2-D tensors only; with ``muon`` the blocks' 2-D weights
+    (``layers.i.attention.wqkv`` split into q/k/v, ``wo``, ``feed_forward.w1|w2|w3``) form Muon groups at
+    ``muon_lr`` and the embeddings, output heads and norms stay with AdamW (Muon's recipe)."""
+    hidden, decay, no_decay = [], [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if muon and name.startswith("layers.") and p.dim() == 2:
+            hidden.append((name, p))
+        else:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    groups: list[dict[str, Any]] = []
+    if hidden:
+        fused = [p for n, p in hidden if n.endswith("attention.wqkv.weight")]
+        plain = [p for n, p in hidden if not n.endswith("attention.wqkv.weight")]
+        n_kv = model.config.n_kv_head or model.config.n_head
+        if n_kv != model.config.n_head and fused:  # GQA: q and k/v blocks differ in size; keep wqkv whole
+            plain, fused = plain + fused, []
+        for params, split in ((fused, 3), (plain, 1)):
+            if params:
+                groups.append({"params": params, "muon": True, "split": split, "weight_decay": weight_decay,
+                               **({} if muon_lr is None else {"lr": muon_lr})})
+    groups.append({"params": decay, "weight_decay": weight_decay})
+    groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
 
 
 def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:

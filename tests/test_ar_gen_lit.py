@@ -33,6 +33,40 @@ def test_weight_decay_only_on_matrices():
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(module.model.parameters()))
 
 
+def test_muon_groups_take_block_matrices_and_train():
+    from vision.optim import MuonAdamW
+
+    torch.manual_seed(0)
+    module = GPTModule(preset="GPT-test", vocab_size=16, block_size=16, num_classes=3, weight_decay=0.1,
+                       lr=3e-3, optimizer="muon", muon_lr_scale=2.0,
+                       overrides={"token_dropout_p": 0.0, "resid_dropout_p": 0.0, "ffn_dropout_p": 0.0})
+    opt = module.configure_optimizers()["optimizer"]
+    assert isinstance(opt, MuonAdamW)
+    names = {id(p): n for n, p in module.model.named_parameters()}
+    fused, plain, decay, no_decay = opt.param_groups
+    assert fused["muon"] and fused["split"] == 3 and fused["lr"] == pytest.approx(6e-3)
+    assert {names[id(p)].rsplit(".", 2)[-2] for p in fused["params"]} == {"wqkv"}
+    assert {names[id(p)].rsplit(".", 2)[-2] for p in plain["params"]} == {"wo", "w1", "w2", "w3"}
+    assert {names[id(p)] for p in decay["params"]} == {"cls_embedding.embedding_table.weight",
+                                                        "tok_embeddings.weight", "output.weight"}
+    assert not decay["muon"] and decay["lr"] == pytest.approx(3e-3) and no_decay["weight_decay"] == 0.0
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(list(module.model.parameters()))
+    # it optimises: the loss on one repeated batch falls
+    module.log = lambda *a, **k: None
+    gen = torch.Generator().manual_seed(1)
+    batch = {"tokens": torch.randint(0, 16, (8, 16), generator=gen), "label": torch.randint(0, 3, (8,), generator=gen)}
+    losses = []
+    for _ in range(30):
+        loss = module._common_step(batch, "train")
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < 0.5 * losses[0]
+    with pytest.raises(ValueError, match="optimizer must be 'adamw' or 'muon'"):
+        GPTModule(preset="GPT-test", vocab_size=16, block_size=4, num_classes=3, optimizer="sgd")
+
+
 def _two_modules(compile_: bool):
     torch.manual_seed(0)
     eager = GPTModule(preset="GPT-test", vocab_size=16, block_size=16, num_classes=3,

@@ -32,6 +32,13 @@ BATCH_SIZE = 64
 # gave 53.8% / 48.8% / 37.9% class consistency (held-out loss 1.926 / 1.944 / 2.008); batch 32 at 3e-3, 44.2%.
 LR = 2e-3
 WARMUP = 50
+# Muon on the blocks' weight matrices (AdamW for embeddings, head and norms; vision.optim.MuonAdamW). On the
+# AMD EPYC, same tokens, 400 s each, 480 images x 2 sampling seeds (/tmp arms, session 19): AdamW 53.8% /
+# 56.2% class consistency (1616 / 1914 steps, held-out loss 2.08 / 2.07), Muon at lr x1 71.0% (1541 steps,
+# 1.960), at lr x2.5 73.8% (1549 steps, 1.926): Muon's Newton-Schulz costs ~20% of the steps, and each step
+# learns far more (benchmarks/bench_gpt_optimizer.py).
+OPTIMIZER = "muon"
+MUON_LR_SCALE = 2.5
 STEPS = 3000
 # 400 s: on the AMD EPYC (2 vCPUs, no AMX) the same tokens (ceiling 92.0%) gave 52.1% class consistency after
 # 1181 steps in 280 s and 70.8% after 1941 steps in 400 s (/tmp arms, session 15; a rerun of the same arm in
@@ -62,7 +69,8 @@ def _need(ctx: DemoContext, key: str):
 
 def train_gpt(shards_dir, out_dir, steps: int, time_budget_s: float | None, seed: int = 0, quick: bool = False,
               model_overrides: dict | None = None, lr: float = LR, batch_size: int = BATCH_SIZE,
-              warmup: int = WARMUP, preset: str = PRESET, compile: bool = COMPILE):
+              warmup: int = WARMUP, preset: str = PRESET, compile: bool = COMPILE, optimizer: str = OPTIMIZER,
+              muon_lr_scale: float = MUON_LR_SCALE):
     """Train a class-conditional GPT on token shards; returns (GPTModule, seconds, steps done, val loss)."""
     import lightning.pytorch as pl
 
@@ -79,7 +87,7 @@ def train_gpt(shards_dir, out_dir, steps: int, time_budget_s: float | None, seed
                        num_classes=num_classes, token_each=data.token_each,
                        overrides={**MODEL, **(model_overrides or {})}, lr=lr, weight_decay=0.05,
                        warmup_steps=min(warmup, steps), min_lr_ratio=0.05, time_budget_s=time_budget_s,
-                       compile=compile and not quick)
+                       compile=compile and not quick, optimizer=optimizer, muon_lr_scale=muon_lr_scale)
     trainer = pl.Trainer(
         max_steps=steps, max_time=None if time_budget_s is None else {"seconds": time_budget_s},
         precision=default_precision(), default_root_dir=str(out_dir), logger=False, enable_checkpointing=False,
