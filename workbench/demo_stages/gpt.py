@@ -36,11 +36,12 @@ WARMUP = 50
 # AMD EPYC, same tokens, 400 s each, 480 images x 2 sampling seeds (/tmp arms, session 19): AdamW 53.8% /
 # 56.2% class consistency (1616 / 1914 steps, held-out loss 2.08 / 2.07), Muon at lr x1 71.0% (1541 steps,
 # 1.960), at lr x2.5 73.8% (1549 steps, 1.926): Muon's Newton-Schulz costs ~20% of the steps, and each step
-# learns far more (benchmarks/bench_gpt_optimizer.py).
+# learns far more. `benchmarks/bench_gpt_optimizer.py` on another demo's tokens (ceiling 80.4%): AdamW 56.2%,
+# Muon x2.5 64.1%, x4 66.4% (1936 / 1601 / 1588 steps).
 OPTIMIZER = "muon"
 MUON_LR_SCALE = 2.5
 STEPS = 3000
-# 375 s. History on the AMD EPYC (2 vCPUs, no AMX), 400 s with AdamW: 52.1% after 1181 steps in 280 s and
+# 360 s. History on the AMD EPYC (2 vCPUs, no AMX), 400 s with AdamW: 52.1% after 1181 steps in 280 s and
 # 70.8% / 64.2% after ~1930 steps in 400 s (/tmp arms, sessions 15-16); fresh-clone demos 60.4 / 62.1 / 65.0%
 # (sessions 15 / 16 / 18, ceilings 89-90%). Session 19, Muon at lr x2.5, 400 s: 63.3% in a fresh-clone demo
 # whose tokenizer ceiling was 80.4% (1596 steps), `time make demo` 14.9 min with the venv; at 375 s 67.1% (ceiling
