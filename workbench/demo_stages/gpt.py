@@ -33,7 +33,7 @@ BATCH_SIZE = 64
 LR = 2e-3
 WARMUP = 50
 # Muon on the blocks' weight matrices (AdamW for embeddings, head and norms; vision.optim.MuonAdamW). On the
-# AMD EPYC, same tokens, 400 s each, 480 images x 2 sampling seeds (/tmp arms, session 19): AdamW 53.8% /
+# AMD EPYC, same tokens (ceiling 82.9%), 400 s each, 480 images x 2 sampling seeds (/tmp arms, session 19): AdamW 53.8% /
 # 56.2% class consistency (1616 / 1914 steps, held-out loss 2.08 / 2.07), Muon at lr x1 71.0% (1541 steps,
 # 1.960), at lr x2.5 73.8% (1549 steps, 1.926): Muon's Newton-Schulz costs ~20% of the steps, and each step
 # learns far more. `benchmarks/bench_gpt_optimizer.py` on another demo's tokens (ceiling 80.4%): AdamW 56.2%,
