@@ -42,21 +42,17 @@ def newton_schulz5(m: torch.Tensor, steps: int = 5, eps: float = 1e-7,
                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Orthogonalise the last two dims of ``m`` (..., A, B) by ``steps`` quintic Newton-Schulz iterations."""
     a, b, c = NS_COEFFICIENTS
-    x = m.to(dtype)
+    shape = m.shape
+    x = m.to(dtype).reshape(-1, shape[-2], shape[-1])  # (n, A, B)
     transposed = x.shape[-2] > x.shape[-1]
     if transposed:
-        x = x.mT  # (..., B, A): iterate on the Gram matrix of the short side
+        x = x.mT  # (n, B, A): iterate on the Gram matrix of the short side
     x = x / x.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)
-    batched = x.dim() == 3
     for _ in range(steps):
-        gram = x @ x.mT  # (..., A', A'), A' = min(A, B)
-        if batched:  # the fused multiply-adds of torch.optim.Muon, batched
-            x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
-        elif x.dim() == 2:
-            x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
-        else:
-            x = a * x + (b * gram + c * gram @ gram) @ x
-    return x.mT if transposed else x
+        gram = x @ x.mT  # (n, A', A'), A' = min(A, B)
+        # the fused multiply-adds of torch.optim.Muon: x <- a x + (b G + c G^2) x
+        x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return (x.mT if transposed else x).reshape(shape)
 
 
 class MuonAdamW(torch.optim.Optimizer):
