@@ -1,15 +1,18 @@
-"""Side-by-side ablation of the demo's tokenizer choices: image-gradient loss weight and codebook size.
+"""Side-by-side ablation of the demo's tokenizer choices: image-gradient loss weight, codebook size, optimizer.
 
 Each arm trains the demo's tiny VQGAN (``workbench.demo_stages.vqgan.train_tiny``) for the same number of
-batches (not seconds, so a busy machine cannot favour an arm), scores the shapes classifier on its
+batches (not seconds, so a busy machine cannot favour an arm) or, with ``--vq-budget S``, for the same S
+seconds as the demo does (an optimizer whose step costs more then pays for it in batches), scores the shapes classifier on its
 reconstructions of 1000 held-out images (the ceiling for any generator on these tokens) and, unless
 ``--no-gpt``, tokenizes the demo's shards with it, trains the demo GPT for the same number of steps and
 scores class consistency and the Frechet distance of generated images (``demo_stages.gpt.sample_and_score``).
 
-Arms are ``<codes>:<grad weight>``, e.g. ``512:0`` (the tiny preset with pixel L2 only, the demo before
-the change) and ``256:4`` (the demo now).
+Arms are ``<codes>:<grad weight>[:<optimizer>[:<muon lr scale>]]``, e.g. ``512:0`` (the tiny preset with
+pixel L2 only, the demo before session 8), ``256:4`` (Adam) and ``256:4:muon`` (the demo since session 20:
+Muon on the hidden conv filters, ``TokenizerModule(optimizer="muon")``).
 
     .venv/bin/python benchmarks/bench_demo_tokenizer.py --arms 512:0 512:4 256:4   # 29 min on 2 cores
+    .venv/bin/python benchmarks/bench_demo_tokenizer.py --arms 256:4 256:4:muon --vq-budget 180 --no-gpt
     .venv/bin/python benchmarks/bench_demo_tokenizer.py --quick                     # smoke test
 
 Needs a shapes classifier (``--classifier``, default ``runs/demo/classifier`` from ``make demo``).
@@ -29,18 +32,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from workbench.benchutil import save_table  # noqa: E402
 
 
-def parse_arm(text: str) -> tuple[int, float]:
+def parse_arm(text: str) -> tuple[int, float, str, float]:
     try:
-        codes, weight = text.split(":")
-        return int(codes), float(weight)
+        parts = text.split(":")
+        if not 2 <= len(parts) <= 4 or (len(parts) > 2 and parts[2] not in ("adam", "muon")):
+            raise ValueError
+        return (int(parts[0]), float(parts[1]), parts[2] if len(parts) > 2 else "adam",
+                float(parts[3]) if len(parts) > 3 else 1.0)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--arms entries look like 256:4 (codes:grad_weight), got {text!r}") from None
+        raise argparse.ArgumentTypeError("--arms entries look like 256:4 or 256:4:muon[:2] "
+                                         f"(codes:grad_weight[:adam|muon[:muon_lr_scale]]), got {text!r}") from None
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--arms", type=parse_arm, nargs="+", default=[parse_arm(a) for a in ("512:0", "512:4", "256:4")])
     ap.add_argument("--vq-steps", type=int, default=800)
+    ap.add_argument("--vq-budget", type=float, default=None,
+                    help="train each VQGAN arm for this many seconds (up to 100000 batches) instead of --vq-steps")
     ap.add_argument("--gpt-steps", type=int, default=1200)
     ap.add_argument("--no-gpt", action="store_true", help="tokenizer arms only (reconstruction ceiling)")
     ap.add_argument("--classifier", type=Path, default=Path("runs/demo/classifier"))
@@ -67,12 +76,16 @@ def main() -> int:
     n_train, n_val, per_class, num_real = (128, 64, 2, 64) if args.quick else (20000, 1000, 8, 1000)
     rows = []
     t_all = time.monotonic()
-    for codes, weight in args.arms:
-        arm = f"{codes}:{weight:g}"
-        work = args.work / f"k{codes}_g{weight:g}"
+    if args.vq_budget and not args.quick:
+        vq_steps = 100000
+    for codes, weight, optimizer, muon_scale in args.arms:
+        arm = f"{codes}:{weight:g}" + ("" if optimizer == "adam" else f":muon:{muon_scale:g}")
+        work = args.work / f"k{codes}_g{weight:g}_{optimizer}{muon_scale:g}"
         t0 = time.monotonic()
-        module, data, vq_s, _ = train_tiny("vqgan", work / "vqgan", work / "tokenizer", vq_steps, None, args.seed,
-                                           args.quick, overrides={"codebook_size": codes}, grad_weight=weight)
+        module, data, vq_s, _ = train_tiny("vqgan", work / "vqgan", work / "tokenizer", vq_steps,
+                                           None if args.quick else args.vq_budget, args.seed, args.quick,
+                                           overrides={"codebook_size": codes}, grad_weight=weight,
+                                           optimizer=optimizer, muon_lr_scale=muon_scale)
         tok = module.tokenizer.eval()
         images = val_images(data)
         m = evaluate_reconstruction(tok, images)
@@ -81,7 +94,7 @@ def main() -> int:
             recon = torch.cat([tok.decode(tok.encode(images[i:i + 250])).float().clamp(-1, 1)
                                for i in range(0, images.shape[0], 250)])
         ceiling = evaluate_images(recon, labels, args.classifier, "test", num_real, args.seed)
-        row = {"arm (codes:grad)": arm, "vq batches": module.batch_step, "vq s": round(vq_s),
+        row = {"arm (codes:grad[:opt])": arm, "vq batches": module.batch_step, "vq s": round(vq_s),
                "PSNR dB": round(m["psnr"], 2), "usage %": round(100 * m["usage"], 1),
                "classifier on recon %": round(100 * ceiling["class_accuracy"], 1),
                "recon Frechet": round(ceiling["frechet_distance"], 2)}
@@ -107,7 +120,7 @@ def main() -> int:
         rows.append(row)
         print(row, flush=True)
     save_table(args.name, rows, meta={
-        "vq_steps": vq_steps, "vq_batch_size": vq_stage.BATCH_SIZE, "gpt_steps": None if args.no_gpt else gpt_steps, "seed": args.seed,
+        "vq_steps": vq_steps, "vq_budget_s": args.vq_budget, "vq_batch_size": vq_stage.BATCH_SIZE, "gpt_steps": None if args.no_gpt else gpt_steps, "seed": args.seed,
         "gpt": f"demo GPT {gpt_stage.MODEL}, batch {gpt_stage.BATCH_SIZE}, lr {gpt_stage.LR}",
         "sampling": gpt_stage.SAMPLING, "images_per_class": per_class, "classifier": str(args.classifier),
         "quick": args.quick, "total_minutes": (time.monotonic() - t_all) / 60})

@@ -103,7 +103,7 @@ def test_state_dict_round_trip_continues_identically():
 
 
 def test_bad_groups_fail_clearly():
-    with pytest.raises(ValueError, match="2-D weight matrices only"):
+    with pytest.raises(ValueError, match="conv filters"):
         MuonAdamW([{"params": [torch.zeros(4, requires_grad=True)], "muon": True}])
     with pytest.raises(ValueError, match="split=3"):
         MuonAdamW([{"params": [torch.zeros(4, 4, requires_grad=True)], "muon": True, "split": 3}])
@@ -124,3 +124,19 @@ def test_batched_same_shape_matrices_equal_one_optimizer_each():
             single.step()
     for a, b in zip(together, alone):
         assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_conv_filter_takes_the_update_of_its_flattened_matrix():
+    torch.manual_seed(0)
+    w = torch.randn(8, 4, 3, 3)
+    conv = w.clone().requires_grad_()
+    flat = w.reshape(8, 36).clone().requires_grad_()
+    opt_conv = MuonAdamW([{"params": [conv], "muon": True}], lr=0.02, weight_decay=0.1)
+    opt_flat = MuonAdamW([{"params": [flat], "muon": True}], lr=0.02, weight_decay=0.1)
+    for (grad,) in _grads(5, [(8, 4, 3, 3)], 3):
+        conv.grad, flat.grad = grad.clone(), grad.reshape(8, 36).clone()
+        opt_conv.step()
+        opt_flat.step()
+    assert conv.shape == (8, 4, 3, 3)
+    assert torch.allclose(conv.reshape(8, 36), flat, atol=1e-6)
+    assert (conv - w).abs().max() > 1e-2

@@ -75,3 +75,44 @@ def test_image_gradient_loss_hand_made_and_in_the_generator_loss():
     off = TokenizerModule(kind="vqgan", preset="tiny", overrides=TINY, disc_weight=0.0, perceptual_weight=0.0)
     assert on._grad_loss(x, x_hat) == image_gradient_loss(x, x_hat) > 0
     assert off._grad_loss(x, x_hat) == 0 and off.hparams.grad_weight == 0
+
+
+@pytest.mark.parametrize("kind,overrides", [("vqgan", TINY), ("bae", TINY_BAE)])
+def test_muon_takes_hidden_conv_filters_and_trains(tmp_path, kind, overrides):
+    import lightning.pytorch as pl
+
+    from tokenizers_img.lit import muon_split
+    from vision.optim import MuonAdamW
+
+    pl.seed_everything(0)
+    module = TokenizerModule(kind=kind, preset="tiny", overrides=overrides, lr=2e-3, perceptual_weight=0.0,
+                             disc_weight=0.0, optimizer="muon", muon_lr_scale=2.0)
+    hidden, rest = muon_split(module.tokenizer)
+    names = {id(p): n for n, p in module.tokenizer.named_parameters()}
+    hidden_names = {names[id(p)] for p in hidden}
+    assert len(hidden) + len(rest) == len(names) and not {id(p) for p in hidden} & {id(p) for p in rest}
+    assert all(n.startswith(("encoder.", "decoder.")) and n.endswith("weight") for n in hidden_names)
+    assert "encoder.conv_in.weight" not in hidden_names and "decoder.conv_out.weight" not in hidden_names
+    assert any(p.dim() == 4 and p.shape[-1] == 3 for p in hidden)  # 3x3 filters go to Muon
+    assert not any("quant" in n or n == "embed" for n in hidden_names)  # codebook side stays with Adam
+
+    data = ShapesDataModule(image_size=16, batch_size=8, train_samples=8, val_samples=8)
+    data.setup("fit")
+    batch = torch.stack([data.datasets["train"][i]["image"] for i in range(8)])
+
+    def rec_error():
+        with torch.no_grad():
+            return torch.nn.functional.mse_loss(module.tokenizer.decode(module.tokenizer.encode(batch)), batch).item()
+
+    before, filters = rec_error(), [p.detach().clone() for p in hidden]
+    trainer = pl.Trainer(max_steps=30, default_root_dir=str(tmp_path), logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(module, datamodule=data)
+    opt = trainer.optimizers[0]
+    assert isinstance(opt, MuonAdamW) and opt.param_groups[0]["muon"] and opt.param_groups[0]["lr"] > 0
+    assert all(not torch.equal(a, p) for a, p in zip(filters, hidden))
+    assert rec_error() < 0.5 * before
+    with pytest.raises(ValueError, match="optimizer must be"):
+        TokenizerModule(kind=kind, preset="tiny", overrides=overrides, optimizer="sgd")

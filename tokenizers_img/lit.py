@@ -15,6 +15,11 @@ codebook usage over the whole validation set, and writes a reconstruction grid P
 reconstructions below) every validation. At the end of ``fit`` the tokenizer is saved with
 ``save_pretrained`` to ``<default_root_dir>/tokenizer``.
 
+``optimizer="muon"`` trains the hidden conv filters of the encoder and decoder with Muon
+(:class:`vision.optim.MuonAdamW`, each filter orthogonalised as its (out, in*kh*kw) matrix, at
+``muon_lr_scale * lr``) and keeps Adam for the first and last convolutions, the quantizer side (codebook,
+``quant_conv``, ``post_quant_conv``), norms and biases, following Muon's recipe for input/output layers.
+
 Note: ``trainer.max_steps`` counts optimizer steps; once the discriminator is on, one batch takes two
 (Lightning counts both optimizers). ``disc_start`` and the schedules count *batches*.
 """
@@ -115,6 +120,17 @@ def save_image_grid(x: Tensor, x_hat: Tensor, path: str | os.PathLike, nrow: int
     return path
 
 
+def muon_split(tokenizer: torch.nn.Module) -> tuple[list[Tensor], list[Tensor]]:
+    """(hidden conv filters for Muon, everything else for Adam): the >= 2-D weights under ``encoder.`` and
+    ``decoder.`` except the image-side ``encoder.conv_in`` and ``decoder.conv_out``."""
+    hidden, rest = [], []
+    for name, p in tokenizer.named_parameters():
+        inner = name.startswith(("encoder.", "decoder.")) and p.dim() >= 2
+        edge = name in ("encoder.conv_in.weight", "decoder.conv_out.weight")
+        (hidden if inner and not edge else rest).append(p)
+    return hidden, rest
+
+
 class TokenizerModule(LightningModule):
     """Trains one tokenizer (``kind``/``preset``/``overrides``) with an optional PatchGAN discriminator."""
 
@@ -145,6 +161,8 @@ class TokenizerModule(LightningModule):
         recon_dir: str | None = None,  # default: <default_root_dir>/recon
         export_dir: str | None = None,  # default: <default_root_dir>/tokenizer
         time_budget_s: float | None = None,  # cosine schedule also advances with elapsed / budget (wall clock)
+        optimizer: str = "adam",  # "adam" | "muon" (hidden conv filters with Muon, the rest with Adam)
+        muon_lr_scale: float = 1.0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -153,6 +171,8 @@ class TokenizerModule(LightningModule):
             raise ValueError(f"rec_loss must be 'l1' or 'l2', got {rec_loss!r}")
         if lr_schedule not in ("constant", "cosine"):
             raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {lr_schedule!r}")
+        if optimizer not in ("adam", "muon"):
+            raise ValueError(f"optimizer must be 'adam' or 'muon', got {optimizer!r}")
         self.tokenizer = build_tokenizer(kind, preset, overrides)
         self.discriminator = NLayerDiscriminator(3, disc_ndf, disc_layers) if disc_weight > 0 else None
         self.lpips = build_lpips(perceptual_weight > 0)
@@ -171,8 +191,17 @@ class TokenizerModule(LightningModule):
     # ------------------------------------------------------------------ optimizers
     def configure_optimizers(self):
         hp = self.hparams
-        opt_g = torch.optim.Adam(self.tokenizer.parameters(), lr=hp.lr, betas=tuple(hp.betas),
-                                 weight_decay=hp.weight_decay)
+        if hp.optimizer == "muon":
+            from vision.optim import MuonAdamW
+
+            hidden, rest = muon_split(self.tokenizer)
+            bf16 = self._trainer is not None and "bf16" in str(self.trainer.precision)
+            opt_g = MuonAdamW([{"params": hidden, "muon": True, "lr": hp.lr * hp.muon_lr_scale},
+                               {"params": rest}], lr=hp.lr, betas=tuple(hp.betas), weight_decay=hp.weight_decay,
+                              ns_dtype=torch.bfloat16 if bf16 else torch.float32)
+        else:
+            opt_g = torch.optim.Adam(self.tokenizer.parameters(), lr=hp.lr, betas=tuple(hp.betas),
+                                     weight_decay=hp.weight_decay)
         sched_g = torch.optim.lr_scheduler.LambdaLR(opt_g, self._lr_factor)
         if self.discriminator is None:
             return [opt_g], [sched_g]

@@ -16,7 +16,8 @@ Update of a Muon matrix W (A x B) with gradient g (the equations of ``torch.opti
 
 ``NS5``: ``X = M / max(||M||_F, eps)`` on the wide orientation (rows <= cols), then five times
 ``X <- a X + (b G + c G^2) X`` with ``G = X X^T`` and ``(a, b, c) = (3.4445, -4.7750, 2.0315)``.
-``ns_dtype`` picks its precision: fp32 by default, bf16 as in ``torch.optim.Muon`` and Keller Jordan's reference
+A convolution filter (out, in, kh, kw) is orthogonalised as the (out, in*kh*kw) matrix of its flattened
+kernels, as in Keller Jordan's CIFAR-10 speedruns. ``ns_dtype`` picks its precision: fp32 by default, bf16 as in ``torch.optim.Muon`` and Keller Jordan's reference
 where bf16 matmuls are fast (the result only sets a direction; ``GPTModule`` follows the trainer's precision);
 with ``ns_dtype=torch.bfloat16`` the two optimizers agree (``tests/test_optim.py``). The iteration is batched
 over every matrix of one shape (one ``baddbmm`` chain instead of one per matrix). A group's ``split = k`` orthogonalises a
@@ -56,7 +57,7 @@ def newton_schulz5(m: torch.Tensor, steps: int = 5, eps: float = 1e-7,
 
 
 class MuonAdamW(torch.optim.Optimizer):
-    """Muon on the parameter groups marked ``muon=True`` (2-D weights only), AdamW on the others.
+    """Muon on the parameter groups marked ``muon=True`` (weights of >= 2 dims), AdamW on the others.
 
     Group options: ``lr``, ``weight_decay``; Muon groups ``momentum`` (0.95), ``nesterov`` (True),
     ``ns_steps`` (5), ``split`` (1); AdamW groups ``betas`` (0.9, 0.95) and ``eps`` (1e-8).
@@ -75,9 +76,9 @@ class MuonAdamW(torch.optim.Optimizer):
             if not group["muon"]:
                 continue
             for p in group["params"]:
-                if p.dim() != 2:
+                if p.dim() < 2:
                     raise ValueError(f"MuonAdamW: param group {index} (muon=True) holds a {p.dim()}-D tensor "
-                                     f"{tuple(p.shape)}; Muon takes 2-D weight matrices only")
+                                     f"{tuple(p.shape)}; Muon takes weight matrices or conv filters (>= 2-D)")
                 if p.shape[0] % group["split"]:
                     raise ValueError(f"MuonAdamW: param group {index}: {p.shape[0]} rows do not split into "
                                      f"split={group['split']} blocks")
@@ -106,7 +107,8 @@ class MuonAdamW(torch.optim.Optimizer):
             buf = state["momentum_buffer"]
             buf.lerp_(p.grad, 1 - mu)
             update = p.grad.lerp(buf, mu) if group["nesterov"] else buf
-            by_shape.setdefault(tuple(p.shape), []).append((p, update))
+            # a conv filter (out, in, kh, kw) as the matrix (out, in * kh * kw)
+            by_shape.setdefault((p.shape[0], p[0].numel()), []).append((p, update.reshape(p.shape[0], -1)))
         for (rows, cols), items in by_shape.items():
             # every matrix of one shape in one batched iteration: (n * k, A/k, B)
             blocks = torch.stack([u for _, u in items]).reshape(len(items) * k, rows // k, cols)
@@ -114,7 +116,7 @@ class MuonAdamW(torch.optim.Optimizer):
             scale = 0.2 * math.sqrt(max(rows // k, cols))
             for (p, _), o in zip(items, ortho):
                 p.mul_(1 - lr * wd)
-                p.add_(o.to(p.dtype), alpha=-lr * scale)
+                p.add_(o.reshape(p.shape).to(p.dtype), alpha=-lr * scale)
 
     def _adamw(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
         lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]

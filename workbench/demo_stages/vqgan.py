@@ -35,13 +35,20 @@ LR = 2e-3
 # class-consistent; weight 4: 84.3% / 29.2%; weight 4 and 256 codes: 90.7% / 50.4%, and 26.84 dB PSNR.
 GRAD_WEIGHT = 4.0
 OVERRIDES = {"codebook_size": 256}
+# Muon on the hidden conv filters (TokenizerModule(optimizer="muon"), Adam for the rest), lr as Adam's. The same
+# 180 s on the AMD EPYC (session 20, seed 0): Adam 1283 batches, 25.55 dB, the classifier recognises 79.4% of the
+# reconstructions; Muon 1150 batches (its step costs ~12% more), 29.61 dB, 97.6% (lr x3: 29.47 dB, 97.3%).
+OPTIMIZER = "muon"
+MUON_LR_SCALE = 1.0
 
 
 def train_tiny(kind: str, out_dir: Path, export_dir: Path, steps: int, time_budget_s: float | None, seed: int = 0,
-               quick: bool = False, overrides: dict | None = None, lr: float = LR, grad_weight: float = GRAD_WEIGHT):
+               quick: bool = False, overrides: dict | None = None, lr: float = LR, grad_weight: float = GRAD_WEIGHT,
+               optimizer: str = OPTIMIZER, muon_lr_scale: float = MUON_LR_SCALE):
     """Train a tiny tokenizer (``kind`` "vqgan" or "bae") on 32x32 shapes with the demo recipe.
 
-    Pixel L2 + image-gradient loss (``grad_weight``) + quantizer loss, Adam (0.9, 0.95), warmup + cosine
+    Pixel L2 + image-gradient loss (``grad_weight``) + quantizer loss, Muon on the hidden conv filters
+    (``optimizer="muon"``) and Adam (0.9, 0.95) on the rest or Adam throughout (``"adam"``), warmup + cosine
     (following steps or wall time, whichever is further), bf16-mixed where the CPU supports it.
     Returns ``(module, datamodule, seconds, precision)``.
     """
@@ -57,7 +64,8 @@ def train_tiny(kind: str, out_dir: Path, export_dir: Path, steps: int, time_budg
                             seed=seed)
     module = TokenizerModule(kind=kind, preset="tiny", overrides=overrides, lr=lr, warmup_steps=min(50, steps),
                              lr_schedule="cosine", min_lr_ratio=0.05, rec_loss="l2", grad_weight=grad_weight,
-                             perceptual_weight=0.0, disc_weight=0.0, export_dir=str(export_dir), time_budget_s=time_budget_s)
+                             perceptual_weight=0.0, disc_weight=0.0, export_dir=str(export_dir), time_budget_s=time_budget_s,
+                             optimizer=optimizer, muon_lr_scale=muon_lr_scale)
     precision = default_precision()
     trainer = pl.Trainer(
         max_steps=steps, max_time=None if time_budget_s is None else {"seconds": time_budget_s},
@@ -111,7 +119,7 @@ def run(ctx: DemoContext) -> StageResult:
         "## Tiny VQGAN tokenizer (LlamaGen-style) on shapes\n\n"
         f"Encoder/decoder ch {cfg.ch}, ch_mult {list(cfg.ch_mult)} (/{tok.downsample}), codebook {cfg.codebook_size} x "
         f"{cfg.codebook_embed_dim}-d l2-normalised codes with dead-code restart; {batches} batches of {BATCH_SIZE} in "
-        f"{train_s:.0f} s, precision `{precision}`, pixel L2 + {GRAD_WEIGHT:g} x image-gradient L2 + VQ loss (no GAN / "
+        f"{train_s:.0f} s, precision `{precision}`, {'Muon (hidden conv filters) + Adam' if OPTIMIZER == 'muon' else 'Adam'}, pixel L2 + {GRAD_WEIGHT:g} x image-gradient L2 + VQ loss (no GAN / "
         "LPIPS in the demo budget).\n\n"
         f"**Validation ({metrics['num_images']} images): PSNR {metrics['psnr']:.2f} dB, SSIM {metrics['ssim']:.3f}, "
         f"codebook usage {metrics['usage'] * 100:.1f}%** (perplexity {metrics['perplexity']:.0f} of "
