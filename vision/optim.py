@@ -17,7 +17,8 @@ Update of a Muon matrix W (A x B) with gradient g (the equations of ``torch.opti
 ``NS5``: ``X = M / max(||M||_F, eps)`` on the wide orientation (rows <= cols), then five times
 ``X <- a X + (b G + c G^2) X`` with ``G = X X^T`` and ``(a, b, c) = (3.4445, -4.7750, 2.0315)``.
 A convolution filter (out, in, kh, kw) is orthogonalised as the (out, in*kh*kw) matrix of its flattened
-kernels, as in Keller Jordan's CIFAR-10 speedruns. ``ns_dtype`` picks its precision: fp32 by default, bf16 as in ``torch.optim.Muon`` and Keller Jordan's reference
+kernels, as in Keller Jordan's CIFAR-10 speedruns (``TokenizerModule(optimizer="muon")`` uses this).
+``ns_dtype`` picks its precision: fp32 by default, bf16 as in ``torch.optim.Muon`` and Keller Jordan's reference
 where bf16 matmuls are fast (the result only sets a direction; ``GPTModule`` follows the trainer's precision);
 with ``ns_dtype=torch.bfloat16`` the two optimizers agree (``tests/test_optim.py``). The iteration is batched
 over every matrix of one shape (one ``baddbmm`` chain instead of one per matrix). A group's ``split = k`` orthogonalises a
